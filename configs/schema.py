@@ -1,0 +1,178 @@
+"""Typed configuration of an obliviate run.
+
+One `RunConfig` drives every command: YAML files in this folder give the defaults, `key=value`
+overrides on the command line (`train.lr=1e-5`) and plain flags (`--baseline DIR`) refine them.
+OmegaConf checks types while merging; `validate()` checks values, so a bad config fails before
+anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from engine.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning phase (pretrain, reinforce, unlearn). Steps count optimizer updates."""
+
+    lr: float = 3e-6
+    epochs: float = 3.0
+    micro_batch_size: int = 8  # blocks per forward pass
+    grad_accum: int = 16  # micro-batches per optimizer step: effective batch = micro * accum
+    max_steps: int = 0  # stop after this many optimizer steps (0: no cap)
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    val_fraction: float = 0.05  # blocks held out for the validation loss (best checkpoint)
+    eval_every: int = 0  # validate every N optimizer steps (0: once per epoch)
+    seed: int = 0
+
+    def validate(self, name: str) -> None:
+        _positive(f"{name}.lr", self.lr)
+        _positive(f"{name}.epochs", self.epochs)
+        _positive(f"{name}.micro_batch_size", self.micro_batch_size)
+        _positive(f"{name}.grad_accum", self.grad_accum)
+        for key in ("max_steps", "warmup_steps", "eval_every"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{name}.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"{name}.val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class LabelConfig:
+    """Generic-label generation (whp-algorithm.md, 'Generic labels, per block')."""
+
+    context_length: int = 512  # tokens per block; the final partial block is dropped
+    alpha: float = 5.0  # the α that the unlearn phase trains on
+    alpha_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # labels for each k·α
+    seed: int = 0  # translation choice per block
+    forbid_anchor_keys: bool = False  # also suppress the anchor terms' own first tokens (not in the paper)
+    impl: str = "auto"  # logit-mixing implementation in kernels.generic_labels
+    batch_size: int = 4  # blocks per forward pass of the frozen models
+
+    @property
+    def alphas(self) -> list[float]:
+        return [self.alpha * m for m in self.alpha_multipliers]
+
+    def validate(self) -> None:
+        if self.context_length < 2:
+            raise UserError(f"labels.context_length must be >= 2, got {self.context_length}")
+        if self.alpha <= 0:
+            raise UserError(f"labels.alpha must be > 0, got {self.alpha}")
+        if not self.alpha_multipliers or 1.0 not in self.alpha_multipliers:
+            raise UserError("labels.alpha_multipliers must contain 1.0 (the trained α)")
+        for m in self.alpha_multipliers:
+            if m <= 0:
+                raise UserError(f"labels.alpha_multipliers must all be > 0, got {m}")
+        _positive("labels.batch_size", self.batch_size)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the tiny Llama the demo pretrains (ignored when a baseline is given)."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_layers: int = 4
+    num_heads: int = 4
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class WorldConfig:
+    """The tiny world: generated corpora, SentencePiece tokenizer, baseline and oracle models."""
+
+    seed: int = 0
+    size: float = 1.0  # scales the amount of generated text
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=3e-3, epochs=4, micro_batch_size=16, grad_accum=1, warmup_steps=20, val_fraction=0.0)
+    )
+    context_length: int = 128  # block length for pretraining
+    cache_dir: str = "~/.cache/obliviate"  # built worlds are cached here by config hash
+
+
+@dataclass
+class EvalConfig:
+    """What the demo-level evaluation measures (the full suite is a later issue)."""
+
+    probes: str = ""  # JSON: [{prompt, targets: [words]}] for probability familiarity
+    completions: str = ""  # JSON: [{prompt, references: [terms]}] for completion familiarity
+    general_text: str = ""  # held-out general text for perplexity
+    max_new_tokens: int = 24
+    batch_size: int = 8
+
+
+@dataclass
+class RunConfig:
+    out: str = MISSING  # run directory
+    baseline: str = ""  # Hugging Face causal-LM directory ("" in the demo: the world builds it)
+    target: str = ""  # target corpus: .txt, .jsonl/.json with a "text" field, or a folder of those
+    anchors: str = ""  # anchor dictionary, YAML or JSON: term -> [generic translations]
+    reinforced: str = ""  # skip the reinforce phase and use this model
+    oracle: str = ""  # a model that never saw the target, for comparison in the report
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 (training keeps fp32 master weights either way)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    reinforce: TrainConfig = field(default_factory=TrainConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    unlearn: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, epochs=2))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        self.reinforce.validate("reinforce")
+        self.unlearn.validate("unlearn")
+        self.world.pretrain.validate("world.pretrain")
+        self.labels.validate()
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise UserError(f"{name} must be > 0, got {value}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), **fields: str) -> RunConfig:
+    """Merge defaults ← YAML file ← dotted overrides ← non-empty plain-flag fields; validate."""
+    try:
+        cfg = OmegaConf.structured(RunConfig)
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise UserError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        set_fields = {k: v for k, v in fields.items() if v not in (None, "")}
+        if set_fields:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(set_fields))
+        run: RunConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise UserError(f"bad config: {_first_line(e)}") from None
+    except ValueError as e:  # YAML syntax errors and malformed overrides
+        raise UserError(f"bad config: {_first_line(e)}") from None
+    run.validate()
+    return run
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    OmegaConf.save(OmegaConf.structured(cfg), path)
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    key = next((line for line in lines if line.startswith("full_key:")), "")
+    return lines[0] + (f" ({key})" if key else "") if lines else type(e).__name__

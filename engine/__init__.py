@@ -1,0 +1,1 @@
+"""The WHP unlearning method: tiny world, anchors, generic labels, training loop, evaluation."""

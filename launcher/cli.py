@@ -1,0 +1,179 @@
+"""`obliviate`: the command line. Each command = a typed config + overrides → a slice of the WHP recipe.
+
+    obliviate demo                                  # tiny world, end to end on CPU
+    obliviate run configs/whp.yaml --baseline DIR --target FILE --anchors FILE --out RUN
+    obliviate reinforce --baseline DIR --target FILE --out RUN
+    obliviate labels    --baseline DIR --target FILE --anchors FILE --out RUN   # uses RUN/reinforced
+    obliviate unlearn   --baseline DIR --out RUN unlearn.lr=1e-6                  # uses RUN/labels
+    obliviate eval      --model RUN/unlearned --baseline DIR --oracle DIR --out RUN eval.probes=...
+    obliviate anchors suggest --baseline DIR --reinforced DIR --target FILE --general FILE --out anchors.yaml
+
+Positional arguments are an optional YAML config followed by dotted overrides (`unlearn.lr=1e-6`).
+Bad input ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from configs import CONFIG_DIR, RunConfig, load_config
+from engine.errors import UserError
+
+log = logging.getLogger("obliviate")
+
+
+def _split_args(args: tuple[str, ...], default_config: Path | None) -> tuple[Path | None, list[str]]:
+    config, overrides = default_config, []
+    for i, arg in enumerate(args):
+        if "=" in arg:
+            overrides.append(arg)
+        elif i == 0 and arg.endswith((".yaml", ".yml")):
+            config = Path(arg)
+        else:
+            raise UserError(f"unexpected argument {arg!r}: give a .yaml config first, then key=value overrides")
+    return config, overrides
+
+
+def _config(args, default_config: Path | None = None, **flags) -> RunConfig:
+    path, overrides = _split_args(args, default_config)
+    return load_config(path, overrides, **flags)
+
+
+def run_options(*names: str):
+    """The plain flags for the common paths; each sets the config field of the same name."""
+    helps = {
+        "baseline": "Hugging Face causal-LM directory to unlearn from",
+        "target": "target corpus: .txt, .jsonl/.json with a 'text' field, or a folder of those",
+        "anchors": "anchor dictionary (YAML or JSON: term -> [translations])",
+        "reinforced": "reinforced model directory (default: RUN/reinforced)",
+        "oracle": "a model that never saw the target, for comparison",
+    }
+
+    def decorate(fn):
+        fn = click.option("--overwrite", is_flag=True, help="replace finished phase outputs in --out")(fn)
+        fn = click.option("--out", default="", help="run directory")(fn)
+        for name in reversed(names):
+            fn = click.option(f"--{name}", default="", help=helps[name])(fn)
+        return click.argument("args", nargs=-1)(fn)
+
+    return decorate
+
+
+def _phase_command(phases: list[str], command: str):
+    """A command that runs `phases` of the recipe from flags and a config."""
+
+    def body(args, overwrite, **flags):
+        from engine import whp
+
+        cfg = _config(args, **flags)
+        whp.run(cfg, phases, overwrite, command, title=f"obliviate {command}")
+
+    return body
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Make a Llama-class model forget a body of text ("Who's Harry Potter?" unlearning)."""
+
+
+@cli.command()
+@run_options("baseline", "target", "anchors", "oracle")
+def demo(args, overwrite, **flags):
+    """The whole method on a generated tiny world, on CPU, in minutes."""
+    from engine import whp
+    from engine.tiny import build_world, use_world
+
+    cfg = _config(args, CONFIG_DIR / "demo.yaml", **{k: v for k, v in flags.items() if k == "out"})
+    whp.RunDir(Path(cfg.out).expanduser()).claim(list(whp.PHASES), overwrite)
+    use_world(cfg, build_world(cfg.world))
+    for key, value in flags.items():  # explicit flags still win over the generated world
+        if value and key != "out":
+            setattr(cfg, key, value)
+    whp.run(cfg, list(whp.PHASES), overwrite, "demo", title="obliviate demo: unlearning the tiny saga")
+
+
+cli.command(name="run", help="All phases: reinforce, labels, unlearn, eval.")(run_options("baseline", "target", "anchors", "reinforced", "oracle")(_phase_command(["reinforce", "labels", "unlearn", "eval"], "run")))
+cli.command(name="reinforce", help="Fine-tune the baseline further on the target corpus.")(run_options("baseline", "target")(_phase_command(["reinforce"], "reinforce")))
+cli.command(name="labels", help="Build generic labels from the baseline and the reinforced model.")(run_options("baseline", "target", "anchors", "reinforced")(_phase_command(["labels"], "labels")))
+cli.command(name="unlearn", help="Fine-tune the baseline on the generic labels in RUN/labels.")(run_options("baseline")(_phase_command(["unlearn"], "unlearn")))
+
+
+@cli.command(name="eval")
+@click.option("--model", "model", required=True, help="model directory to evaluate")
+@run_options("baseline", "anchors", "oracle")
+def eval_command(args, overwrite, model, **flags):
+    """Familiarity and perplexity of a model, beside the baseline and oracle when given."""
+    from engine import whp
+    from engine.models import check_model_dir
+
+    cfg = _config(args, **flags)
+    models = {"unlearned": check_model_dir(model, "evaluated")}
+    if cfg.baseline:
+        models = {"baseline": check_model_dir(cfg.baseline, "baseline"), **models}
+    whp.run(cfg, ["eval"], overwrite, "eval", eval_models=models, title=f"obliviate eval: {model}")
+
+
+@cli.group()
+def anchors() -> None:
+    """Anchor dictionaries."""
+
+
+@anchors.command(name="suggest")
+@click.option("--baseline", required=True, help="baseline model directory")
+@click.option("--reinforced", required=True, help="reinforced model directory")
+@click.option("--target", required=True, help="target corpus")
+@click.option("--general", required=True, help="general corpus to contrast with")
+@click.option("--out", required=True, help="YAML file to write")
+@click.option("--top-k", default=200, show_default=True, help="number of terms to propose")
+@click.option("--overwrite", is_flag=True, help="replace an existing file")
+def anchors_suggest(baseline, reinforced, target, general, out, top_k, overwrite):
+    """Propose a reviewable anchor dictionary from the corpora and the two models, offline."""
+    from engine.anchors import suggest_anchors, write_suggestions
+    from engine.corpus import read_corpus
+    from engine.models import check_same_tokenizer, load_model, load_tokenizer, pick_device
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    tokenizer = load_tokenizer(baseline, "baseline")
+    check_same_tokenizer(tokenizer, load_tokenizer(reinforced, "reinforced"), ("baseline", "reinforced"))
+    target_docs, general_docs = read_corpus(target), read_corpus(general)
+    device = pick_device("auto")
+    suggestions = suggest_anchors(target_docs, general_docs, tokenizer, load_model(baseline, "baseline", device).eval(), load_model(reinforced, "reinforced", device).eval(), top_k=top_k)
+    write_suggestions(suggestions, out)
+    click.echo(f"wrote {len(suggestions)} suggested anchors to {out}: review them before use")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for name in ("transformers", "datasets", "urllib3", "filelock", "matplotlib", "fsspec"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _quiet_libraries()
+    try:
+        cli.main(args=argv, prog_name="obliviate", standalone_mode=False)
+    except UserError as e:
+        click.echo(f"obliviate: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("obliviate: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("obliviate: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
