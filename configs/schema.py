@@ -109,6 +109,7 @@ class EvalConfig:
     probes: str = ""  # JSON: [{prompt, targets: [words]}] for probability familiarity
     completions: str = ""  # JSON: [{prompt, references: [terms]}] for completion familiarity
     general_text: str = ""  # held-out general text for perplexity
+    context_length: int = 512  # perplexity window (tokens)
     max_new_tokens: int = 24
     batch_size: int = 8
 

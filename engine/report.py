@@ -1,0 +1,158 @@
+"""The run's report: metrics.json for machines, report.md and report.png for people, a terminal table.
+
+`results` maps a model name ("baseline", "unlearned", "oracle", any subset) to `evaluate_model`'s dict;
+its order is the column order. Changes are relative, unlearned vs baseline.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from engine.evaluate import METRICS
+
+METRIC_LABELS = {
+    "probability_familiarity": "probability familiarity (0-1, lower = forgot)",
+    "completion_familiarity": "completion familiarity (0-5, lower = forgot)",
+    "perplexity": "general-text perplexity (lower = better)",
+}
+SAMPLE_COUNT = 3  # sample completions shown in report.md
+
+
+def write_report(
+    run_dir: Path, results: dict[str, dict], title: str, notes: list[str] = (), extra: dict | None = None
+) -> None:
+    """Write metrics.json, report.png and report.md into run_dir, each atomically."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "schema_version": 1,
+        "title": title,
+        "models": {name: {metric: result.get(metric) for metric in METRICS} for name, result in results.items()},
+        "changes": _changes(results),
+        "details": {name: result.get("details", {}) for name, result in results.items()},
+        "extra": extra,
+    }
+    _write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str).encode() + b"\n")
+    _write_atomic(run_dir / "report.png", _plot(results, title))  # before report.md, which embeds it
+    _write_atomic(run_dir / "report.md", _markdown(results, title, notes).encode())
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """The report's table as aligned plain text, for the terminal."""
+    header, rows = _table(results)
+    widths = [max(len(row[col]) for row in [header, *rows]) for col in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first, *rest = cells
+        return "  ".join([first.ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(rest, widths[1:]))])
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
+
+
+def _changes(results: dict[str, dict]) -> dict[str, float | None]:
+    """(unlearned - baseline) / baseline per metric; None where either is missing or the baseline is 0."""
+    baseline, unlearned = results.get("baseline", {}), results.get("unlearned", {})
+    changes = {}
+    for metric in METRICS:
+        before, after = baseline.get(metric), unlearned.get(metric)
+        changes[metric] = None if before is None or after is None or before == 0 else (after - before) / before
+    return changes
+
+
+def _table(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows, one row per metric: the cells both table renderings share."""
+    changes = _changes(results)
+    header = ["metric", *results, "change vs baseline"]
+    rows = [
+        [
+            METRIC_LABELS[metric],
+            *(_format_value(result.get(metric)) for result in results.values()),
+            "n/a" if changes[metric] is None else f"{changes[metric]:+.1%}",
+        ]
+        for metric in METRICS
+    ]
+    return header, rows
+
+
+def _format_value(value: float | None) -> str:
+    return "skipped" if value is None else f"{value:.4g}"
+
+
+def _markdown(results: dict[str, dict], title: str, notes: list[str]) -> str:
+    header, rows = _table(results)
+    lines = [f"# {title}", ""]
+    lines += ["| " + " | ".join(row) + " |" for row in [header, ["---"] + ["---:"] * (len(header) - 1), *rows]]
+    lines.append("")
+    if notes:
+        lines += [f"- {note}" for note in notes] + [""]
+    lines += _sample_lines(results)
+    lines += ["![](report.png)", ""]
+    return "\n".join(lines)
+
+
+def _sample_lines(results: dict[str, dict]) -> list[str]:
+    """The same prompts' completions side by side, prompts where the first model revealed terms first."""
+    samples = {
+        name: found["samples"]
+        for name, result in results.items()
+        if isinstance(found := result.get("details", {}).get("completion_familiarity"), dict)
+    }
+    if not samples:
+        return []
+    first = next(iter(samples.values()))
+    count = min(len(model_samples) for model_samples in samples.values())
+    chosen = sorted(range(count), key=lambda i: -first[i]["grade"])[:SAMPLE_COUNT]
+    lines = ["## Sample completions", ""]
+    for i in chosen:
+        lines += [f"**Prompt:** {_inline(first[i]['prompt'])}", ""]
+        for name, model_samples in samples.items():
+            sample = model_samples[i]
+            revealed = f", reveals {', '.join(sample['revealed'])}" if sample["revealed"] else ""
+            lines.append(f"- {name} (grade {sample['grade']}{revealed}): {_inline(sample['completion'])}")
+        lines.append("")
+    return lines
+
+
+def _inline(text: str) -> str:
+    """Model text as one line of inline code, so markdown in it cannot break the report."""
+    if not text.strip():
+        return "*(empty)*"
+    return "`" + text.replace("`", "'").replace("\n", " ⏎ ") + "`"
+
+
+def _plot(results: dict[str, dict], title: str) -> bytes:
+    """One subplot per metric (their scales differ), one bar per model, a model's colour the same throughout."""
+    fig = Figure(figsize=(4 * len(METRICS), 3.5), layout="constrained")
+    colors = {name: f"C{i}" for i, name in enumerate(results)}
+    for ax, metric in zip(fig.subplots(1, len(METRICS)), METRICS):
+        ax.set_title(METRIC_LABELS[metric], fontsize=9)
+        shown = {name: result[metric] for name, result in results.items() if result.get(metric) is not None}
+        if not shown:
+            ax.text(0.5, 0.5, "skipped", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            continue
+        bars = ax.bar(list(shown), list(shown.values()), color=[colors[name] for name in shown])
+        ax.bar_label(bars, fmt="%.4g", fontsize=8)
+    fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Readers, and a crash mid-write, see the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
