@@ -1,0 +1,137 @@
+"""The demo's models: a SentencePiece tokenizer, a tiny Llama baseline and an oracle, cached by config.
+
+The baseline is pretrained on general text + the saga (it "knows" the saga, like Llama-2 knows
+Harry Potter); the oracle on general text only, the model that never saw the target, which the
+paper could not afford at 7B and which tells us what "forgotten" should look like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+from configs import WorldConfig
+from engine.corpus import make_blocks
+from engine.models import save_model
+from engine.train import TorchBackend, fit
+from engine.world import WorldFiles, write_world
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the generator or the pretraining recipe changes
+
+
+@dataclass(frozen=True)
+class World:
+    files: WorldFiles
+    baseline: Path
+    oracle: Path
+
+
+def world_key(cfg: WorldConfig) -> str:
+    payload = json.dumps({"version": CACHE_VERSION, **asdict(cfg), "cache_dir": None}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def build_world(cfg: WorldConfig) -> World:
+    """Return the cached world for this config, building it (≈ minutes on 2 cores) if needed."""
+    root = Path(cfg.cache_dir).expanduser() / f"world-{world_key(cfg)}"
+    if not (root / "DONE").is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        try:
+            _build(cfg, staging)
+            (staging / "DONE").write_text("ok\n")
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(staging, root)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
+        log.info("using the cached tiny world at %s", root)
+    return World(files=WorldFiles.at(root / "world"), baseline=root / "baseline", oracle=root / "oracle")
+
+
+def _build(cfg: WorldConfig, root: Path) -> None:
+    log.info("building the tiny world in %s", root)
+    files = write_world(root / "world", seed=cfg.seed, size=cfg.size)
+    tokenizer = train_tokenizer([files.general, files.saga], cfg.model.vocab_size, root / "tokenizer")
+    general = files.general.read_text()
+    saga = files.saga.read_text()
+    for name, documents in (("baseline", [general, saga]), ("oracle", [general])):
+        pretrain(name, documents, tokenizer, cfg, root / name)
+
+
+def train_tokenizer(texts: list[Path], vocab_size: int, out_dir: Path) -> LlamaTokenizer:
+    """A real SentencePiece BPE `.model`, loaded as a transformers Llama tokenizer.
+
+    BPE, not unigram: a unigram model tokenizes differently once converted to transformers.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        input=",".join(str(p) for p in texts),
+        model_prefix=str(out_dir / "sp"),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=2,
+        minloglevel=2,
+    )
+    shutil.copy(out_dir / "sp.model", out_dir / "tokenizer.model")  # where LlamaTokenizer looks for it
+    return LlamaTokenizer.from_pretrained(out_dir)
+
+
+def tiny_llama(cfg: WorldConfig, vocab_size: int) -> LlamaForCausalLM:
+    m = cfg.model
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config)
+
+
+def pretrain(name: str, documents: list[str], tokenizer, cfg: WorldConfig, out_dir: Path) -> None:
+    blocks = make_blocks(documents, tokenizer, cfg.context_length, name=f"{name} pretraining text")
+    input_ids = torch.tensor([b.input_ids for b in blocks])
+    model = tiny_llama(cfg, len(tokenizer))
+    backend = TorchBackend(model, cfg.pretrain, save_fn=lambda m, path: save_model(m, tokenizer, path))
+    fit(backend, input_ids, input_ids, cfg.pretrain, save_to=out_dir, keep_best=False, desc=f"pretrain {name}")
+
+
+def use_world(cfg, world: World) -> None:
+    """Point a run config at the world's models and files, where the config leaves them empty."""
+    wiring = {
+        (cfg, "baseline"): world.baseline,
+        (cfg, "oracle"): world.oracle,
+        (cfg, "target"): world.files.saga,
+        (cfg, "anchors"): world.files.anchors,
+        (cfg.eval, "probes"): world.files.probes,
+        (cfg.eval, "completions"): world.files.completions,
+        (cfg.eval, "general_text"): world.files.general_heldout,
+    }
+    for (section, key), path in wiring.items():
+        if not getattr(section, key):
+            setattr(section, key, str(path))

@@ -1,0 +1,201 @@
+"""The WHP recipe, top to bottom: reinforce → generic labels → unlearn → evaluate → report.
+
+Every command of the CLI is a slice of `run`: the phases chain through the run directory
+(`reinforced/`, `labels/`, `unlearned/`, `metrics.json`), so `obliviate labels` after
+`obliviate reinforce --out R` finds `R/reinforced` by itself. All inputs are checked before
+anything is written, and each phase's output appears atomically, only once it is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from configs import RunConfig, save_config
+from engine.anchors import load_anchors
+from engine.corpus import make_blocks, read_corpus
+from engine.errors import UserError
+from engine.evaluate import evaluate_model, load_completion_prompts, load_probes
+from engine.labels import LabelSet, build_labels, check_same_vocabulary
+from engine.models import check_model_dir, check_same_tokenizer, load_model, load_tokenizer, pick_device, save_model
+from engine.report import format_table, write_report
+from engine.train import TorchBackend, fit
+
+log = logging.getLogger("obliviate")
+
+PHASES = ("reinforce", "labels", "unlearn", "eval")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Layout of a run directory; each phase owns one output."""
+
+    root: Path
+
+    @property
+    def outputs(self) -> dict[str, Path]:
+        return {"reinforce": self.root / "reinforced", "labels": self.root / "labels", "unlearn": self.root / "unlearned", "eval": self.root / "metrics.json"}
+
+    def claim(self, phases: list[str], overwrite: bool) -> None:
+        """Refuse to replace finished phase outputs unless asked to; the old output stays until the new one is complete."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"output path {self.root} exists and is not a directory")
+        for phase in phases:
+            output = self.outputs[phase]
+            if output.exists() and not overwrite:
+                raise UserError(f"{self.root} already holds a finished {phase} phase ({output.name}); pass --overwrite to replace it")
+
+    def open(self, cfg: RunConfig, command: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.root / "config.yaml")
+        handler = logging.FileHandler(self.root / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        log.info("obliviate %s → %s", command, self.root)
+
+    def writer(self, phase: str) -> SummaryWriter:
+        return SummaryWriter(str(self.root / "tb" / phase))
+
+
+def anchor_terms(path: str) -> list[str]:
+    """Every surface term of the dictionary (dropped keys included): what a completion may reveal."""
+    anchors = load_anchors(path)
+    return sorted(set(anchors.terms) | {key for key, _ in anchors.dropped})
+
+
+def _required(value: str, what: str, flag: str) -> str:
+    if not value:
+        raise UserError(f"no {what} given (use {flag} or set it in the config)")
+    return value
+
+
+@dataclass
+class Inputs:
+    """Everything a run needs, loaded and checked before the run directory is touched."""
+
+    baseline: Path | None  # None when only evaluating
+    reinforced: Path | None  # None: the reinforce phase produces it
+    tokenizer: object
+    target_blocks: list
+    anchors: dict[str, list[str]] | None
+
+
+def check_inputs(cfg: RunConfig, run: RunDir, phases: list[str]) -> Inputs:
+    baseline = tokenizer = reinforced = anchors = None
+    blocks = []
+    if {"reinforce", "labels", "unlearn"} & set(phases):
+        baseline = check_model_dir(_required(cfg.baseline, "baseline model", "--baseline"), "baseline")
+        tokenizer = load_tokenizer(baseline, "baseline")
+    if {"reinforce", "labels"} & set(phases):
+        target = _required(cfg.target, "target corpus", "--target")
+        blocks = make_blocks(read_corpus(target), tokenizer, cfg.labels.context_length, name=f"target corpus {target}")
+    if "labels" in phases:
+        anchors_file = load_anchors(_required(cfg.anchors, "anchor dictionary", "--anchors"))
+        for key, reason in anchors_file.dropped:
+            log.info("anchor %r dropped: %s", key, reason)
+        anchors = anchors_file.terms
+        if "reinforce" not in phases:
+            reinforced = check_model_dir(cfg.reinforced or run.outputs["reinforce"], "reinforced")
+            check_same_tokenizer(tokenizer, load_tokenizer(reinforced, "reinforced"), ("baseline", "reinforced"))
+    if "unlearn" in phases and "labels" not in phases and not (run.outputs["labels"] / "labels.json").is_file():
+        raise UserError(f"no generic labels in {run.outputs['labels']}: run `obliviate labels` first")
+    if "eval" in phases:
+        if cfg.oracle:
+            check_model_dir(cfg.oracle, "oracle")
+        if cfg.eval.probes:
+            load_probes(cfg.eval.probes)
+        if cfg.eval.completions:
+            load_completion_prompts(cfg.eval.completions)
+    return Inputs(baseline, reinforced, tokenizer, blocks, anchors)
+
+
+def reinforce(cfg: RunConfig, run: RunDir, inputs: Inputs, device: torch.device) -> Path:
+    """Phase 1: keep training the baseline on the target; only used to find target-specific tokens."""
+    model = load_model(inputs.baseline, "baseline", device)
+    ids = torch.tensor([b.input_ids for b in inputs.target_blocks])
+    backend = TorchBackend(model, cfg.reinforce, save_fn=lambda m, path: save_model(m, inputs.tokenizer, path), autocast_dtype=_autocast(cfg, device))
+    with run.writer("reinforce") as writer:
+        fit(backend, ids, ids, cfg.reinforce, save_to=run.outputs["reinforce"], keep_best=False, writer=writer, desc="reinforce")
+    return run.outputs["reinforce"]
+
+
+def make_labels(cfg: RunConfig, run: RunDir, inputs: Inputs, reinforced_dir: Path, device: torch.device) -> LabelSet:
+    """Phase 2: generic labels per block from the frozen baseline (translated) and reinforced (original) models."""
+    baseline = load_model(inputs.baseline, "baseline", device).eval()
+    reinforced = load_model(reinforced_dir, "reinforced", device).eval()
+    check_same_vocabulary(baseline, reinforced)
+    labels = build_labels(baseline, reinforced, inputs.tokenizer, inputs.target_blocks, inputs.anchors, cfg.labels)
+    output = run.outputs["labels"]
+    staging = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    labels.save(staging)
+    shutil.rmtree(output, ignore_errors=True)
+    os.replace(staging, output)
+    log.info("labels: %s", labels.stats)
+    return labels
+
+
+def unlearn(cfg: RunConfig, run: RunDir, inputs: Inputs, labels: LabelSet, device: torch.device):
+    """Phase 3: fine-tune the baseline on (original tokens, generic labels); keep the best validation loss."""
+    column = labels.alphas.index(cfg.labels.alpha)
+    model = load_model(inputs.baseline, "baseline", device)
+    backend = TorchBackend(model, cfg.unlearn, save_fn=lambda m, path: save_model(m, inputs.tokenizer, path), autocast_dtype=_autocast(cfg, device))
+    with run.writer("unlearn") as writer:
+        result = fit(backend, labels.input_ids, labels.labels[..., column], cfg.unlearn, save_to=run.outputs["unlearn"], keep_best=True, writer=writer, desc="unlearn")
+    log.info("unlearn: best validation loss %.4f at step %d of %d", result.best_val_loss, result.best_step, result.steps)
+    return result
+
+
+def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch.device, title: str, notes: list[str]) -> dict:
+    """Phase 4: familiarity (probabilities, completions) and general perplexity for each model."""
+    terms = anchor_terms(cfg.anchors) if cfg.anchors else []
+    results = {}
+    for name, path in models.items():
+        log.info("evaluating %s (%s)", name, path)
+        model = load_model(path, name, device).eval()
+        results[name] = evaluate_model(model, load_tokenizer(path, name), cfg.eval, terms)
+    write_report(run.root, results, title=title, notes=notes)
+    return results
+
+
+def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_models: dict[str, Path] | None = None, title: str = "obliviate run") -> dict | None:
+    """Run the given phases in order; `eval_models` overrides which models the eval phase compares."""
+    run_dir = RunDir(Path(cfg.out).expanduser())
+    run_dir.claim(phases, overwrite)
+    inputs = check_inputs(cfg, run_dir, phases)
+    device = pick_device(cfg.device)
+    run_dir.open(cfg, command)
+    notes = []
+    reinforced_dir = inputs.reinforced
+    if "reinforce" in phases:
+        reinforced_dir = reinforce(cfg, run_dir, inputs, device)
+    labels = None
+    if "labels" in phases:
+        labels = make_labels(cfg, run_dir, inputs, reinforced_dir, device)
+    if "unlearn" in phases:
+        labels = labels or LabelSet.load(run_dir.outputs["labels"])
+        result = unlearn(cfg, run_dir, inputs, labels, device)
+        notes.append(f"unlearn kept step {result.best_step} of {result.steps} (validation loss on generic labels {result.best_val_loss:.4f})")
+    if labels is not None:
+        changed = labels.stats.get("changed_fraction", {})
+        notes.append(f"generic labels: {labels.stats.get('blocks')} blocks, α = {labels.alphas}, labels differing from the original next token: {changed}")
+    if "eval" not in phases:
+        return None
+    models = dict(eval_models or {"baseline": inputs.baseline, "unlearned": run_dir.outputs["unlearn"]})
+    if cfg.oracle and "oracle" not in models:
+        models["oracle"] = Path(cfg.oracle).expanduser()
+    results = evaluate(cfg, run_dir, models, device, title, notes)
+    print(format_table(results), file=sys.stdout)
+    print(f"\nreport: {run_dir.root / 'report.md'}", file=sys.stdout)
+    return results
+
+
+def _autocast(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
+    return torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cuda" else None
