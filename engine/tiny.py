@@ -123,15 +123,15 @@ def pretrain(name: str, documents: list[str], tokenizer, cfg: WorldConfig, out_d
 
 def use_world(cfg, world: World) -> None:
     """Point a run config at the world's models and files, where the config leaves them empty."""
-    wiring = {
-        (cfg, "baseline"): world.baseline,
-        (cfg, "oracle"): world.oracle,
-        (cfg, "target"): world.files.saga,
-        (cfg, "anchors"): world.files.anchors,
-        (cfg.eval, "probes"): world.files.probes,
-        (cfg.eval, "completions"): world.files.completions,
-        (cfg.eval, "general_text"): world.files.general_heldout,
-    }
-    for (section, key), path in wiring.items():
+    wiring = [
+        (cfg, "baseline", world.baseline),
+        (cfg, "oracle", world.oracle),
+        (cfg, "target", world.files.saga),
+        (cfg, "anchors", world.files.anchors),
+        (cfg.eval, "probes", world.files.probes),
+        (cfg.eval, "completions", world.files.completions),
+        (cfg.eval, "general_text", world.files.general_heldout),
+    ]
+    for section, key, path in wiring:
         if not getattr(section, key):
             setattr(section, key, str(path))

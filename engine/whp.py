@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,13 +52,20 @@ class RunDir:
             if output.exists() and not overwrite:
                 raise UserError(f"{self.root} already holds a finished {phase} phase ({output.name}); pass --overwrite to replace it")
 
-    def open(self, cfg: RunConfig, command: str) -> None:
+    @contextmanager
+    def opened(self, cfg: RunConfig, command: str):
+        """Create the directory, record the resolved config, and log to run.log while the command runs."""
         self.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.root / "config.yaml")
         handler = logging.FileHandler(self.root / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
         log.info("obliviate %s → %s", command, self.root)
+        try:
+            yield self
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
     def writer(self, phase: str) -> SummaryWriter:
         return SummaryWriter(str(self.root / "tb" / phase))
@@ -104,7 +111,7 @@ def check_inputs(cfg: RunConfig, run: RunDir, phases: list[str]) -> Inputs:
         if "reinforce" not in phases:
             reinforced = check_model_dir(cfg.reinforced or run.outputs["reinforce"], "reinforced")
             check_same_tokenizer(tokenizer, load_tokenizer(reinforced, "reinforced"), ("baseline", "reinforced"))
-    if "unlearn" in phases and "labels" not in phases and not (run.outputs["labels"] / "labels.json").is_file():
+    if "unlearn" in phases and "labels" not in phases and not run.outputs["labels"].is_dir():
         raise UserError(f"no generic labels in {run.outputs['labels']}: run `obliviate labels` first")
     if "eval" in phases:
         if cfg.oracle:
@@ -171,7 +178,11 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
     run_dir.claim(phases, overwrite)
     inputs = check_inputs(cfg, run_dir, phases)
     device = pick_device(cfg.device)
-    run_dir.open(cfg, command)
+    with run_dir.opened(cfg, command):
+        return _run_phases(cfg, run_dir, inputs, phases, device, eval_models, title)
+
+
+def _run_phases(cfg, run_dir: RunDir, inputs: Inputs, phases: list[str], device, eval_models, title) -> dict | None:
     notes = []
     reinforced_dir = inputs.reinforced
     if "reinforce" in phases:
@@ -192,8 +203,8 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
     if cfg.oracle and "oracle" not in models:
         models["oracle"] = Path(cfg.oracle).expanduser()
     results = evaluate(cfg, run_dir, models, device, title, notes)
-    print(format_table(results), file=sys.stdout)
-    print(f"\nreport: {run_dir.root / 'report.md'}", file=sys.stdout)
+    print(format_table(results))
+    print(f"\nreport: {run_dir.root / 'report.md'}")
     return results
 
 

@@ -152,7 +152,14 @@ def anchors_suggest(baseline, reinforced, target, general, out, top_k, overwrite
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not Path("/dev/nvidiactl").exists():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise warns on every import
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # per-tensor loading bars drown the phase bars
+    datasets.disable_progress_bars()
     for name in ("transformers", "datasets", "urllib3", "filelock", "matplotlib", "fsspec"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

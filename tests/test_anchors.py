@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from builders import byte_bpe_tokenizer, tiny_llama
 from engine.anchors import Anchors, filter_terms, load_anchors, suggest_anchors, write_suggestions
 from engine.errors import UserError
-from test_labels import byte_bpe_tokenizer, tiny_llama  # tests/ is on sys.path under pytest's default import mode
 
 
 def test_yaml_and_json_dictionaries(tmp_path):

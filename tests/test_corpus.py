@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from builders import word_tokenizer
 from engine.corpus import make_blocks, read_corpus, stripped_spans
 from engine.errors import UserError
-from test_labels import word_tokenizer  # tests/ is on sys.path under pytest's default import mode
 
 
 def write_jsonl(path, records):

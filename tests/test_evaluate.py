@@ -2,13 +2,12 @@
 
 import json
 import math
-import shutil
 
 import pytest
-import sentencepiece as spm
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from builders import sentencepiece_tokenizer
 from configs.schema import EvalConfig
 from engine.errors import UserError
 from engine.evaluate import (
@@ -31,13 +30,7 @@ PEAK = 40.0  # a logit this far above the rest carries all but e^-40 of the mass
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tokenizer")
-    (folder / "corpus.txt").write_text(CORPUS * 20)
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "sp"), vocab_size=96, model_type="bpe", minloglevel=2
-    )
-    shutil.copy(folder / "sp.model", folder / "tokenizer.model")
-    return LlamaTokenizer.from_pretrained(folder, add_bos_token=True)
+    return sentencepiece_tokenizer(CORPUS * 20, 96, tmp_path_factory.mktemp("tokenizer"))
 
 
 def llama_config(tokenizer, **overrides) -> LlamaConfig:

@@ -1,15 +1,12 @@
 """Generic labels: translation + position map + forbidden tokens by hand, mixing by hand, then end to end."""
 
 import random
-import shutil
 
 import pytest
-import sentencepiece as spm
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, PreTrainedTokenizerFast
 
 import kernels
+from builders import byte_bpe_tokenizer, tiny_llama, word_tokenizer
 from configs.schema import LabelConfig
 from engine.corpus import make_blocks
 from engine.errors import UserError
@@ -25,53 +22,6 @@ from engine.labels import (
 
 WORKED_ANCHORS = {"Harry": ["Jon"], "Hogwarts": ["Mystic Academy"]}
 WORKED_TEXT = "went to Hogwarts with Harry and Harry"
-SP_TRAINING_TEXT = (
-    "Harry went to Hogwarts with Ron and Hermione. The wand was magic. " * 3
-    + "John went to the market with Mary and Peter. The staff was wooden. Mystic Academy is a school. " * 3
-    + "The quick brown fox jumps over the lazy dog. Jon and Henry walked home. " * 3
-)
-
-
-def word_tokenizer(words: str) -> PreTrainedTokenizerFast:
-    """One token per whitespace-separated word, ids in the order given: hand-checkable positions."""
-    vocab = {word: index for index, word in enumerate(["[UNK]", *words.split()])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
-
-
-def byte_bpe_tokenizer(texts: list[str], vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
-
-
-def tiny_llama(vocab_size: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def sp_tokenizer(tmp_path_factory) -> LlamaTokenizer:
-    """A real SentencePiece BPE model behind transformers' LlamaTokenizer (spans include the "▁" space)."""
-    root = tmp_path_factory.mktemp("sp")
-    (root / "corpus.txt").write_text("\n".join(SP_TRAINING_TEXT.split(". ")))
-    spm.SentencePieceTrainer.train(
-        input=str(root / "corpus.txt"), model_prefix=str(root / "m"), vocab_size=120, model_type="bpe",
-        character_coverage=1.0, minloglevel=2,
-    )
-    (root / "tok").mkdir()
-    shutil.copy(root / "m.model", root / "tok" / "tokenizer.model")
-    return LlamaTokenizer.from_pretrained(root / "tok")
 
 
 def one_block(text: str, tokenizer):

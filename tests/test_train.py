@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
+from builders import tiny_llama
 from configs import TrainConfig
 from engine.train import IGNORE_INDEX, TorchBackend, causal_lm_loss_sum, fit, lr_at, split_train_val
 
@@ -12,10 +12,9 @@ from engine.train import IGNORE_INDEX, TorchBackend, causal_lm_loss_sum, fit, lr
 GOLDEN_LOSSES = [4.15467, 4.12898, 4.10934, 3.95972, 3.93711]
 
 
-def tiny_model(seed=0, vocab=64):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
+def tiny_model():
+    """The shape GOLDEN_LOSSES were pinned on: full key/value heads, 64 positions."""
+    return tiny_llama(64, 0, num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
 
 
 def patterned_blocks(n_blocks=24, length=16, vocab=64):

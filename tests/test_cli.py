@@ -1,0 +1,153 @@
+"""The command line on bad input: one line naming the problem, exit code 2, nothing written.
+
+Also the happy path of the phase commands chaining through a run directory, and --overwrite.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import WorldConfig
+from engine.models import save_model
+from engine.tiny import tiny_llama, train_tokenizer
+from engine.world import write_world
+from launcher.cli import main
+
+TINY = ["reinforce.max_steps=1", "reinforce.micro_batch_size=2", "reinforce.grad_accum=1", "labels.context_length=32", "unlearn.max_steps=2", "unlearn.micro_batch_size=2", "unlearn.grad_accum=1"]
+
+
+def make_model_dir(root: Path, texts: list[Path], vocab_size: int) -> Path:
+    tokenizer = train_tokenizer(texts, vocab_size, root / "tokenizer")
+    cfg = WorldConfig()
+    cfg.model.hidden_size, cfg.model.intermediate_size, cfg.model.num_layers, cfg.model.num_heads = 32, 64, 1, 2
+    save_model(tiny_llama(cfg, len(tokenizer)), tokenizer, root / "model")
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    files = write_world(root / "world", size=0.05)
+    return {
+        "files": files,
+        "baseline": make_model_dir(root / "a", [files.general, files.saga], 500),
+        "other": make_model_dir(root / "b", [files.general], 400),
+    }
+
+
+def obliviate(*argv, capsys):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("obliviate: error:")]
+    assert len(error_lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_missing_corpus(world, tmp_path, capsys):
+    code, _, err = obliviate("reinforce", "--baseline", world["baseline"], "--target", tmp_path / "nope.txt", "--out", tmp_path / "run", capsys=capsys)
+    assert_one_line_error(code, err, "nope.txt")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_corpus(world, tmp_path, capsys):
+    code, _, err = obliviate("reinforce", "--baseline", world["baseline"], "--target", write(tmp_path / "empty.txt", "  \n"), "--out", tmp_path / "run", capsys=capsys)
+    assert_one_line_error(code, err, "empty")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corpus_shorter_than_one_block(world, tmp_path, capsys):
+    code, _, err = obliviate("reinforce", "--baseline", world["baseline"], "--target", write(tmp_path / "short.txt", "Zorvan studies gloomcraft."), "--out", tmp_path / "run", capsys=capsys)
+    assert_one_line_error(code, err, "shorter than one block of 512")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ("Zorvan: 3\n", "Zorvan"),
+        ("Zorvan: []\n", "Zorvan"),
+        ("Zorvan: [John]\nZorvan: [Peter]\n", "duplicate"),
+        ("- just\n- a list\n", "mapping"),
+    ],
+    ids=["wrong-type", "empty-translations", "duplicate-key", "not-a-mapping"],
+)
+def test_malformed_dictionary(world, tmp_path, capsys, content, fragment):
+    anchors = write(tmp_path / "anchors.yaml", content)
+    code, _, err = obliviate("labels", "--baseline", world["baseline"], "--reinforced", world["baseline"], "--target", world["files"].saga, "--anchors", anchors, "--out", tmp_path / "run", *TINY, capsys=capsys)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_models_with_different_tokenizers(world, tmp_path, capsys):
+    code, _, err = obliviate("labels", "--baseline", world["baseline"], "--reinforced", world["other"], "--target", world["files"].saga, "--anchors", world["files"].anchors, "--out", tmp_path / "run", *TINY, capsys=capsys)
+    assert_one_line_error(code, err, "different tokenizers")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override", ["labels.alpha=0", "labels.alpha=-1", "labels.alpha_multipliers=[0.5,-1,1]"])
+def test_alpha_must_be_positive(world, tmp_path, capsys, override):
+    code, _, err = obliviate("labels", "--baseline", world["baseline"], "--target", world["files"].saga, "--anchors", world["files"].anchors, "--out", tmp_path / "run", override, capsys=capsys)
+    assert_one_line_error(code, err, "labels.alpha")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, fragment", [("reinforce.lr=fast", "reinforce.lr"), ("reinforce.speed=3", "speed"), ("notanoverride", "notanoverride")])
+def test_bad_config_values(world, tmp_path, capsys, override, fragment):
+    code, _, err = obliviate("reinforce", "--baseline", world["baseline"], "--target", world["files"].saga, "--out", tmp_path / "run", override, capsys=capsys)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_missing_baseline_directory(world, tmp_path, capsys):
+    code, _, err = obliviate("reinforce", "--baseline", tmp_path / "nomodel", "--target", world["files"].saga, "--out", tmp_path / "run", capsys=capsys)
+    assert_one_line_error(code, err, "nomodel")
+
+
+def test_phases_chain_through_the_run_dir_and_finished_phases_need_overwrite(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--baseline", world["baseline"], "--out", run, *TINY]
+    code, _, err = obliviate("reinforce", "--target", world["files"].saga, *common, capsys=capsys)
+    assert code == 0, err
+    assert (run / "reinforced" / "model.safetensors").is_file()
+    code, _, err = obliviate("labels", "--target", world["files"].saga, "--anchors", world["files"].anchors, *common, capsys=capsys)
+    assert code == 0, err  # found RUN/reinforced by itself
+    code, _, err = obliviate("unlearn", *common, capsys=capsys)
+    assert code == 0, err
+    assert (run / "unlearned" / "model.safetensors").is_file()
+
+    before = (run / "reinforced" / "model.safetensors").stat().st_mtime_ns
+    code, _, err = obliviate("reinforce", "--target", world["files"].saga, *common, capsys=capsys)
+    assert_one_line_error(code, err, "already holds a finished reinforce phase", "--overwrite")
+    assert (run / "reinforced" / "model.safetensors").stat().st_mtime_ns == before
+    code, _, err = obliviate("reinforce", "--target", world["files"].saga, "--overwrite", *common, capsys=capsys)
+    assert code == 0, err
+    assert (run / "reinforced" / "model.safetensors").stat().st_mtime_ns != before
+    assert not list(run.glob(".*tmp")), "no staging directories left behind"
+
+
+def test_the_console_script_exits_2_with_one_line(world, tmp_path):
+    """The real entry point, in a fresh process: no traceback reaches the user."""
+    exe = Path(sys.executable).parent / "obliviate"
+    anchors = write(tmp_path / "anchors.yaml", "Zorvan: []\n")
+    proc = subprocess.run([str(exe), "labels", "--baseline", str(world["baseline"]), "--target", str(world["files"].saga), "--anchors", str(anchors), "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc.returncode, proc.stderr, "Zorvan")
+    assert not (tmp_path / "run").exists()

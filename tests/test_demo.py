@@ -1,0 +1,41 @@
+"""`obliviate demo` end to end with its default config: the method must actually unlearn.
+
+This is the issue's acceptance bar, checked on every run of the suite (≈ 2–3 minutes on 2 cores):
+probability familiarity drops ≥ 90% from the baseline, completion familiarity drops, and general
+perplexity rises ≤ 10%.
+"""
+
+import json
+
+import pytest
+
+from launcher.cli import main
+
+
+@pytest.mark.slow
+def test_demo_unlearns_the_saga_and_keeps_general_text(tmp_path, capsys):
+    out = tmp_path / "demo"
+    main(["demo", f"world.cache_dir={tmp_path / 'cache'}", "--out", str(out)])
+    printed = capsys.readouterr().out
+    for column in ("baseline", "unlearned", "oracle"):
+        assert column in printed
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["schema_version"] == 1
+    models = metrics["models"]
+    baseline, unlearned, oracle = models["baseline"], models["unlearned"], models["oracle"]
+    assert baseline["probability_familiarity"] > 0.3, "the baseline must know the saga for the demo to mean anything"
+    assert oracle["probability_familiarity"] < 0.01
+    assert unlearned["probability_familiarity"] <= 0.1 * baseline["probability_familiarity"]
+    assert unlearned["completion_familiarity"] < baseline["completion_familiarity"]
+    assert unlearned["perplexity"] <= 1.10 * baseline["perplexity"]
+
+    for name in ("config.yaml", "run.log", "report.md", "report.png", "unlearned/model.safetensors", "reinforced/model.safetensors", "labels"):
+        assert (out / name).exists(), name
+    assert list((out / "tb").rglob("events.out.tfevents.*")), "tensorboard events"
+
+    # A finished run is refused before anything is rebuilt or rewritten.
+    with pytest.raises(SystemExit) as refused:
+        main(["demo", f"world.cache_dir={tmp_path / 'cache'}", "--out", str(out)])
+    assert refused.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
