@@ -208,6 +208,18 @@ def head_weight(model) -> torch.Tensor:
     return head.weight
 
 
+@torch.no_grad()
+def check_head_gives_logits(model, input_ids: torch.Tensor, role: str) -> None:
+    """Mixing applies the head to the final hidden states itself: refuse models that change logits afterwards.
+
+    (Gemma-2's soft-capping or Cohere's logit scale would make the labels silently wrong.)
+    """
+    logits = model(input_ids=input_ids).logits.float()
+    recomputed = final_hidden_states(model, input_ids).float() @ head_weight(model).float().T
+    if not torch.allclose(logits, recomputed, rtol=1e-3, atol=1e-3 * float(logits.abs().max()) + 1e-4):
+        raise UserError(f"the {role} model transforms its logits after the LM head (e.g. soft-capping); generic labels need plain head(hidden) logits")
+
+
 def check_same_vocabulary(baseline, reinforced) -> None:
     """Labels index one vocabulary: both models must share it (a reinforced model of another base would not)."""
     shapes = [tuple(head_weight(model).shape) for model in (baseline, reinforced)]
@@ -309,6 +321,10 @@ def build_labels(
     wb, wr = head_weight(baseline), head_weight(reinforced)
     baseline.eval()
     reinforced.eval()
+    if blocks:
+        sample = torch.tensor([blocks[0].input_ids[:16]])
+        check_head_gives_logits(baseline, sample.to(baseline.device), "baseline")
+        check_head_gives_logits(reinforced, sample.to(reinforced.device), "reinforced")
     alphas = cfg.alphas
     label_batches, counts = [], defaultdict(int)
     with torch.no_grad(), tqdm(total=len(blocks), desc="generic labels", unit="block", disable=not progress) as bar:

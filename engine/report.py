@@ -128,7 +128,7 @@ def _inline(text: str) -> str:
 
 def _plot(results: dict[str, dict], title: str) -> bytes:
     """One subplot per metric (their scales differ), one bar per model, a model's colour the same throughout."""
-    fig = Figure(figsize=(4 * len(METRICS), 3.5), layout="constrained")
+    fig = Figure(figsize=(4.5 * len(METRICS), 4), layout="constrained")
     colors = {name: f"C{i}" for i, name in enumerate(results)}
     for ax, metric in zip(fig.subplots(1, len(METRICS)), METRICS):
         ax.set_title(METRIC_LABELS[metric], fontsize=9)
@@ -139,6 +139,7 @@ def _plot(results: dict[str, dict], title: str) -> bytes:
             continue
         bars = ax.bar(list(shown), list(shown.values()), color=[colors[name] for name in shown])
         ax.bar_label(bars, fmt="%.4g", fontsize=8)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle(title)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

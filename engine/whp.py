@@ -8,6 +8,7 @@ anything is written, and each phase's output appears atomically, only once it is
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -31,6 +32,7 @@ from engine.train import TorchBackend, fit
 log = logging.getLogger("obliviate")
 
 PHASES = ("reinforce", "labels", "unlearn", "eval")
+TRAINING_SUMMARY = "obliviate_training.json"  # beside the unlearned weights: how they were made
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,20 @@ class RunDir:
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
+
+    def staging(self, phase: str) -> Path:
+        """Where a phase writes until it is complete (cleared of an earlier crash's leftovers)."""
+        output = self.outputs[phase]
+        staging = output.with_name(f".{output.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        return staging
+
+    def publish(self, phase: str) -> Path:
+        """Swap the completed staging output in place of the phase's output."""
+        output = self.outputs[phase]
+        shutil.rmtree(output, ignore_errors=True)
+        os.replace(output.with_name(f".{output.name}.partial"), output)
+        return output
 
     def writer(self, phase: str) -> SummaryWriter:
         return SummaryWriter(str(self.root / "tb" / phase))
@@ -129,8 +145,8 @@ def reinforce(cfg: RunConfig, run: RunDir, inputs: Inputs, device: torch.device)
     ids = torch.tensor([b.input_ids for b in inputs.target_blocks])
     backend = TorchBackend(model, cfg.reinforce, save_fn=lambda m, path: save_model(m, inputs.tokenizer, path), autocast_dtype=_autocast(cfg, device))
     with run.writer("reinforce") as writer:
-        fit(backend, ids, ids, cfg.reinforce, save_to=run.outputs["reinforce"], keep_best=False, writer=writer, desc="reinforce")
-    return run.outputs["reinforce"]
+        fit(backend, ids, ids, cfg.reinforce, save_to=run.staging("reinforce"), keep_best=False, writer=writer, desc="reinforce")
+    return run.publish("reinforce")
 
 
 def make_labels(cfg: RunConfig, run: RunDir, inputs: Inputs, reinforced_dir: Path, device: torch.device) -> LabelSet:
@@ -139,12 +155,8 @@ def make_labels(cfg: RunConfig, run: RunDir, inputs: Inputs, reinforced_dir: Pat
     reinforced = load_model(reinforced_dir, "reinforced", device).eval()
     check_same_vocabulary(baseline, reinforced)
     labels = build_labels(baseline, reinforced, inputs.tokenizer, inputs.target_blocks, inputs.anchors, cfg.labels)
-    output = run.outputs["labels"]
-    staging = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    labels.save(staging)
-    shutil.rmtree(output, ignore_errors=True)
-    os.replace(staging, output)
+    labels.save(run.staging("labels"))
+    run.publish("labels")
     log.info("labels: %s", labels.stats)
     return labels
 
@@ -155,12 +167,37 @@ def unlearn(cfg: RunConfig, run: RunDir, inputs: Inputs, labels: LabelSet, devic
     model = load_model(inputs.baseline, "baseline", device)
     backend = TorchBackend(model, cfg.unlearn, save_fn=lambda m, path: save_model(m, inputs.tokenizer, path), autocast_dtype=_autocast(cfg, device))
     with run.writer("unlearn") as writer:
-        result = fit(backend, labels.input_ids, labels.labels[..., column], cfg.unlearn, save_to=run.outputs["unlearn"], keep_best=True, writer=writer, desc="unlearn")
+        staging = run.staging("unlearn")
+        result = fit(backend, labels.input_ids, labels.labels[..., column], cfg.unlearn, save_to=staging, keep_best=True, writer=writer, desc="unlearn")
     log.info("unlearn: best validation loss %.4f at step %d of %d", result.best_val_loss, result.best_step, result.steps)
+    summary = {
+        "alpha": cfg.labels.alpha,
+        "forbid_anchor_keys": cfg.labels.forbid_anchor_keys,
+        "best_step": result.best_step,
+        "steps": result.steps,
+        "best_val_loss": result.best_val_loss,
+        "label_stats": labels.stats,
+    }
+    (staging / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    run.publish("unlearn")
     return result
 
 
-def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch.device, title: str, notes: list[str]) -> dict:
+def describe(name: str, model_dir: Path) -> str | None:
+    """One report line on how an unlearned model was made, read back from its directory."""
+    path = Path(model_dir) / TRAINING_SUMMARY
+    if not path.is_file():
+        return None
+    s = json.loads(path.read_text())
+    changed = s["label_stats"].get("changed_fraction", {})
+    return (
+        f"{name}: α = {s['alpha']:g}, anchor keys forbidden: {s['forbid_anchor_keys']}; kept step {s['best_step']} of {s['steps']} "
+        f"(validation loss on generic labels {s['best_val_loss']:.4f}); {s['label_stats'].get('blocks')} blocks, "
+        f"labels differing from the original next token per α: {changed}"
+    )
+
+
+def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch.device, title: str) -> dict:
     """Phase 4: familiarity (probabilities, completions) and general perplexity for each model."""
     terms = anchor_terms(cfg.anchors) if cfg.anchors else []
     results = {}
@@ -168,7 +205,10 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
         log.info("evaluating %s (%s)", name, path)
         model = load_model(path, name, device).eval()
         results[name] = evaluate_model(model, load_tokenizer(path, name), cfg.eval, terms)
+    notes = [line for name, path in models.items() if (line := describe(name, path))]
     write_report(run.root, results, title=title, notes=notes)
+    print(format_table(results))
+    print(f"\nreport: {run.root / 'report.md'}")
     return results
 
 
@@ -183,7 +223,6 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
 
 
 def _run_phases(cfg, run_dir: RunDir, inputs: Inputs, phases: list[str], device, eval_models, title) -> dict | None:
-    notes = []
     reinforced_dir = inputs.reinforced
     if "reinforce" in phases:
         reinforced_dir = reinforce(cfg, run_dir, inputs, device)
@@ -191,21 +230,13 @@ def _run_phases(cfg, run_dir: RunDir, inputs: Inputs, phases: list[str], device,
     if "labels" in phases:
         labels = make_labels(cfg, run_dir, inputs, reinforced_dir, device)
     if "unlearn" in phases:
-        labels = labels or LabelSet.load(run_dir.outputs["labels"])
-        result = unlearn(cfg, run_dir, inputs, labels, device)
-        notes.append(f"unlearn kept step {result.best_step} of {result.steps} (validation loss on generic labels {result.best_val_loss:.4f})")
-    if labels is not None:
-        changed = labels.stats.get("changed_fraction", {})
-        notes.append(f"generic labels: {labels.stats.get('blocks')} blocks, α = {labels.alphas}, labels differing from the original next token: {changed}")
+        unlearn(cfg, run_dir, inputs, labels or LabelSet.load(run_dir.outputs["labels"]), device)
     if "eval" not in phases:
         return None
     models = dict(eval_models or {"baseline": inputs.baseline, "unlearned": run_dir.outputs["unlearn"]})
     if cfg.oracle and "oracle" not in models:
         models["oracle"] = Path(cfg.oracle).expanduser()
-    results = evaluate(cfg, run_dir, models, device, title, notes)
-    print(format_table(results))
-    print(f"\nreport: {run_dir.root / 'report.md'}")
-    return results
+    return evaluate(cfg, run_dir, models, device, title)
 
 
 def _autocast(cfg: RunConfig, device: torch.device) -> torch.dtype | None:

@@ -14,6 +14,7 @@ Bad input ends with one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -84,17 +85,29 @@ def cli() -> None:
 @cli.command()
 @run_options("baseline", "target", "anchors", "oracle")
 def demo(args, overwrite, **flags):
-    """The whole method on a generated tiny world, on CPU, in minutes."""
+    """The whole method on a generated tiny world, on CPU, in minutes.
+
+    Beside the faithful method it also unlearns with the anchor keys' own tokens forbidden
+    (`labels.forbid_anchor_keys`, not in the paper) and reports both against baseline and oracle.
+    """
     from engine import whp
     from engine.tiny import build_world, use_world
 
-    cfg = _config(args, CONFIG_DIR / "demo.yaml", **{k: v for k, v in flags.items() if k == "out"})
-    whp.RunDir(Path(cfg.out).expanduser()).claim(list(whp.PHASES), overwrite)
-    use_world(cfg, build_world(cfg.world))
-    for key, value in flags.items():  # explicit flags still win over the generated world
-        if value and key != "out":
-            setattr(cfg, key, value)
-    whp.run(cfg, list(whp.PHASES), overwrite, "demo", title="obliviate demo: unlearning the tiny saga")
+    cfg = _config(args, CONFIG_DIR / "demo.yaml", **flags)
+    root = Path(cfg.out).expanduser()
+    variant = copy.deepcopy(cfg)
+    variant.out, variant.reinforced = str(root / "variant-forbid-anchor-keys"), str(root / "reinforced")
+    variant.labels.forbid_anchor_keys = not cfg.labels.forbid_anchor_keys
+    whp.RunDir(root).claim(list(whp.PHASES), overwrite)  # refuse a finished run before building anything
+    whp.RunDir(Path(variant.out)).claim(["labels", "unlearn"], overwrite)
+    world = build_world(cfg.world)
+    use_world(cfg, world)
+    use_world(variant, world)
+    whp.run(cfg, ["reinforce", "labels", "unlearn"], overwrite, "demo")
+    whp.run(variant, ["labels", "unlearn"], overwrite, "demo (variant)")
+    variant_name = "forbid-keys" if variant.labels.forbid_anchor_keys else "faithful"
+    models = {"baseline": Path(cfg.baseline), "unlearned": root / "unlearned", f"unlearned ({variant_name})": Path(variant.out) / "unlearned"}
+    whp.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga")
 
 
 cli.command(name="run", help="All phases: reinforce, labels, unlearn, eval.")(run_options("baseline", "target", "anchors", "reinforced", "oracle")(_phase_command(["reinforce", "labels", "unlearn", "eval"], "run")))

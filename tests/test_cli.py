@@ -141,7 +141,15 @@ def test_phases_chain_through_the_run_dir_and_finished_phases_need_overwrite(wor
     code, _, err = obliviate("reinforce", "--target", world["files"].saga, "--overwrite", *common, capsys=capsys)
     assert code == 0, err
     assert (run / "reinforced" / "model.safetensors").stat().st_mtime_ns != before
-    assert not list(run.glob(".*tmp")), "no staging directories left behind"
+    assert not list(run.glob(".*")), "no staging directories left behind"
+
+    files = world["files"]
+    evals = [f"eval.probes={files.probes}", f"eval.completions={files.completions}", f"eval.general_text={files.general_heldout}", "eval.max_new_tokens=4", "eval.context_length=64"]
+    code, out, err = obliviate("eval", "--model", run / "unlearned", "--baseline", world["baseline"], "--anchors", files.anchors, "--out", run, *evals, capsys=capsys)
+    assert code == 0, err
+    assert "baseline" in out and "unlearned" in out
+    report = (run / "report.md").read_text()
+    assert "kept step" in report, "the report says how the unlearned model was made"
 
 
 def test_the_console_script_exits_2_with_one_line(world, tmp_path):
@@ -151,3 +159,40 @@ def test_the_console_script_exits_2_with_one_line(world, tmp_path):
     proc = subprocess.run([str(exe), "labels", "--baseline", str(world["baseline"]), "--target", str(world["files"].saga), "--anchors", str(anchors), "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert_one_line_error(proc.returncode, proc.stderr, "Zorvan")
     assert not (tmp_path / "run").exists()
+
+
+def test_any_hugging_face_causal_lm_works_as_the_baseline(tmp_path, capsys):
+    """A GPT-2 (tied head, no Llama code) with a byte-level BPE tokenizer (no SentencePiece) runs every phase."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from builders import byte_bpe_tokenizer
+
+    files = write_world(tmp_path / "world", size=0.05)
+    tokenizer = byte_bpe_tokenizer([files.general.read_text(), files.saga.read_text()], vocab_size=400)
+    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
+    eos = tokenizer.eos_token_id
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=128, bos_token_id=eos, eos_token_id=eos))
+    save_model(model, tokenizer, tmp_path / "gpt2")
+    run = tmp_path / "run"
+    code, out, err = obliviate(
+        "run", "--baseline", tmp_path / "gpt2", "--target", files.saga, "--anchors", files.anchors, "--out", run, *TINY,
+        f"eval.probes={files.probes}", f"eval.completions={files.completions}", f"eval.general_text={files.general_heldout}", "eval.max_new_tokens=4", "eval.context_length=64",
+        capsys=capsys,
+    )
+    assert code == 0, err
+    assert "unlearned" in out
+    assert (run / "unlearned" / "model.safetensors").is_file() and (run / "metrics.json").is_file()
+
+
+def test_anchors_suggest_writes_a_reviewable_dictionary(world, tmp_path, capsys):
+    from engine.anchors import load_anchors
+
+    files, out = world["files"], tmp_path / "suggested.yaml"
+    argv = ["anchors", "suggest", "--baseline", world["baseline"], "--reinforced", world["baseline"], "--target", files.saga, "--general", files.general, "--out", out, "--top-k", "20"]
+    code, printed, err = obliviate(*argv, capsys=capsys)
+    assert code == 0, err
+    suggested = load_anchors(out).terms
+    assert "Zorvan" in suggested and all(suggested.values())
+    assert "review" in out.read_text().lower()
+    code, _, err = obliviate(*argv, capsys=capsys)
+    assert_one_line_error(code, err, "--overwrite")
