@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from transformers import AutoConfig
 
 from configs import RunConfig, save_config
 from engine.anchors import load_anchors
@@ -117,6 +118,9 @@ def check_inputs(cfg: RunConfig, run: RunDir, phases: list[str]) -> Inputs:
         baseline = check_model_dir(_required(cfg.baseline, "baseline model", "--baseline"), "baseline")
         tokenizer = load_tokenizer(baseline, "baseline")
     if {"reinforce", "labels"} & set(phases):
+        positions = getattr(AutoConfig.from_pretrained(baseline), "max_position_embeddings", None)
+        if positions is not None and positions < cfg.labels.context_length:
+            raise UserError(f"labels.context_length={cfg.labels.context_length} exceeds the baseline's {positions} positions")
         target = _required(cfg.target, "target corpus", "--target")
         blocks = make_blocks(read_corpus(target), tokenizer, cfg.labels.context_length, name=f"target corpus {target}")
     if "labels" in phases:
@@ -136,6 +140,8 @@ def check_inputs(cfg: RunConfig, run: RunDir, phases: list[str]) -> Inputs:
             load_probes(cfg.eval.probes)
         if cfg.eval.completions:
             load_completion_prompts(cfg.eval.completions)
+        if cfg.eval.general_text and not Path(cfg.eval.general_text).is_file():
+            raise UserError(f"evaluation text not found: {cfg.eval.general_text}")
     return Inputs(baseline, reinforced, tokenizer, blocks, anchors)
 
 

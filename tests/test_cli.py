@@ -196,3 +196,9 @@ def test_anchors_suggest_writes_a_reviewable_dictionary(world, tmp_path, capsys)
     assert "review" in out.read_text().lower()
     code, _, err = obliviate(*argv, capsys=capsys)
     assert_one_line_error(code, err, "--overwrite")
+
+
+def test_block_longer_than_the_model_positions(world, tmp_path, capsys):
+    code, _, err = obliviate("reinforce", "--baseline", world["baseline"], "--target", world["files"].saga, "--out", tmp_path / "run", "labels.context_length=1024", capsys=capsys)
+    assert_one_line_error(code, err, "labels.context_length=1024", "512 positions")
+    assert not (tmp_path / "run").exists()
