@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from engine.errors import UserError
 
@@ -161,6 +161,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **fie
         if set_fields:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(set_fields))
         run: RunConfig = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        key = e.full_key
+        raise UserError(f"no value for {key}: pass --{key} or {key}=... (or set it in the config file)") from None
     except OmegaConfBaseException as e:
         raise UserError(f"bad config: {_first_line(e)}") from None
     except ValueError as e:  # YAML syntax errors and malformed overrides

@@ -25,9 +25,6 @@ import click
 from configs import CONFIG_DIR, RunConfig, load_config
 from engine.errors import UserError
 
-log = logging.getLogger("obliviate")
-
-
 def _split_args(args: tuple[str, ...], default_config: Path | None) -> tuple[Path | None, list[str]]:
     config, overrides = default_config, []
     for i, arg in enumerate(args):
@@ -60,21 +57,9 @@ def run_options(*names: str):
         fn = click.option("--out", default="", help="run directory")(fn)
         for name in reversed(names):
             fn = click.option(f"--{name}", default="", help=helps[name])(fn)
-        return click.argument("args", nargs=-1)(fn)
+        return click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [KEY=VALUE]...")(fn)
 
     return decorate
-
-
-def _phase_command(phases: list[str], command: str):
-    """A command that runs `phases` of the recipe from flags and a config."""
-
-    def body(args, overwrite, **flags):
-        from engine import whp
-
-        cfg = _config(args, **flags)
-        whp.run(cfg, phases, overwrite, command, title=f"obliviate {command}")
-
-    return body
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -110,10 +95,31 @@ def demo(args, overwrite, **flags):
     whp.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga")
 
 
-cli.command(name="run", help="All phases: reinforce, labels, unlearn, eval.")(run_options("baseline", "target", "anchors", "reinforced", "oracle")(_phase_command(["reinforce", "labels", "unlearn", "eval"], "run")))
-cli.command(name="reinforce", help="Fine-tune the baseline further on the target corpus.")(run_options("baseline", "target")(_phase_command(["reinforce"], "reinforce")))
-cli.command(name="labels", help="Build generic labels from the baseline and the reinforced model.")(run_options("baseline", "target", "anchors", "reinforced")(_phase_command(["labels"], "labels")))
-cli.command(name="unlearn", help="Fine-tune the baseline on the generic labels in RUN/labels.")(run_options("baseline")(_phase_command(["unlearn"], "unlearn")))
+@cli.command(name="run")
+@run_options("baseline", "target", "anchors", "reinforced", "oracle")
+def run_command(args, overwrite, **flags):
+    """All phases: reinforce (skipped when --reinforced is given), labels, unlearn, eval."""
+    from engine import whp
+
+    cfg = _config(args, **flags)
+    phases = [phase for phase in whp.PHASES if not (phase == "reinforce" and cfg.reinforced)]
+    whp.run(cfg, phases, overwrite, "run", title="obliviate run")
+
+
+def _phase_command(name: str, help: str, flags: tuple[str, ...]) -> None:
+    """Register `obliviate NAME`: one phase of the recipe from flags and a config."""
+
+    def body(args, overwrite, **flag_values):
+        from engine import whp
+
+        whp.run(_config(args, **flag_values), [name], overwrite, name, title=f"obliviate {name}")
+
+    cli.command(name=name, help=help)(run_options(*flags)(body))
+
+
+_phase_command("reinforce", "Fine-tune the baseline further on the target corpus (RUN/reinforced).", ("baseline", "target"))
+_phase_command("labels", "Generic labels from the baseline and RUN/reinforced (or --reinforced) into RUN/labels.", ("baseline", "target", "anchors", "reinforced"))
+_phase_command("unlearn", "Fine-tune the baseline on the generic labels in RUN/labels (RUN/unlearned).", ("baseline",))
 
 
 @cli.command(name="eval")

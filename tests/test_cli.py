@@ -202,3 +202,8 @@ def test_block_longer_than_the_model_positions(world, tmp_path, capsys):
     code, _, err = obliviate("reinforce", "--baseline", world["baseline"], "--target", world["files"].saga, "--out", tmp_path / "run", "labels.context_length=1024", capsys=capsys)
     assert_one_line_error(code, err, "labels.context_length=1024", "512 positions")
     assert not (tmp_path / "run").exists()
+
+
+def test_missing_run_directory(world, capsys):
+    code, _, err = obliviate("reinforce", "--baseline", world["baseline"], "--target", world["files"].saga, capsys=capsys)
+    assert_one_line_error(code, err, "--out")
