@@ -45,7 +45,10 @@ def read_corpus(path: str | Path) -> list[str]:
 
 def _read_file(path: Path) -> list[str]:
     if path.suffix in TEXT_SUFFIXES:
-        return [path.read_text(encoding="utf-8")]
+        try:
+            return [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
     if path.suffix not in RECORD_SUFFIXES:
         raise UserError(f"unsupported corpus file {path}: use .txt, .jsonl or .json")
     if path.stat().st_size == 0:

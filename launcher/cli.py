@@ -164,6 +164,8 @@ def anchors_suggest(baseline, reinforced, target, general, out, top_k, overwrite
     target_docs, general_docs = read_corpus(target), read_corpus(general)
     device = pick_device("auto")
     suggestions = suggest_anchors(target_docs, general_docs, tokenizer, load_model(baseline, "baseline", device).eval(), load_model(reinforced, "reinforced", device).eval(), top_k=top_k)
+    if not suggestions:
+        raise UserError(f"no term of {target} is over-represented against {general}: nothing to suggest")
     write_suggestions(suggestions, out)
     click.echo(f"wrote {len(suggestions)} suggested anchors to {out}: review them before use")
 

@@ -44,6 +44,7 @@ def test_folder_reads_supported_files_sorted_by_name(tmp_path):
         ("a.jsonl", [{"text": "x"}, {"other": 1}], 'record 1 has no "text"'),
         ("a.jsonl", "{not json\n", "cannot read"),
         ("a.txt", " \n\t", "empty corpus"),
+        ("latin1.txt", b"caf\xe9", "not UTF-8"),
         ("a.jsonl", "", "empty corpus"),
         ("", None, "no .txt, .jsonl or .json files"),  # the (empty) folder itself
     ],
@@ -52,6 +53,8 @@ def test_errors_are_one_line_and_name_the_path(tmp_path, name, content, message)
     path = tmp_path / name
     if isinstance(content, list):
         write_jsonl(path, content)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
     with pytest.raises(UserError, match=message) as error:
