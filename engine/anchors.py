@@ -19,7 +19,7 @@ import yaml
 
 from engine.corpus import make_blocks, stripped_spans
 from engine.errors import UserError
-from engine.labels import anchor_pattern, check_same_vocabulary, final_hidden_states, head_weight
+from engine.labels import anchor_pattern, check_same_vocabulary, final_hidden_states, lm_head_weights
 
 POSSESSIVE_SUFFIXES = ("'s", "’s")
 
@@ -189,9 +189,8 @@ def _logit_rise(terms, target_docs, tokenizer, baseline, reinforced, probe_block
     """Mean (reinforced − baseline) logit of each term's first token at the positions that predict it."""
     blocks = make_blocks(target_docs, tokenizer, probe_length, name="target", keep_partial=True)[:probe_blocks]
     pattern = anchor_pattern(terms)
-    wb, wr = head_weight(baseline), head_weight(reinforced)
     rises = defaultdict(list)
-    with torch.no_grad():
+    with torch.no_grad(), lm_head_weights(baseline, reinforced) as (wb, wr):
         for block in blocks:
             ids = torch.tensor([block.input_ids])
             hb = final_hidden_states(baseline, ids.to(baseline.device))[0]

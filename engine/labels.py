@@ -15,10 +15,11 @@ import json
 import random
 import re
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import datasets
 import torch
@@ -201,28 +202,51 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def head_weight(model) -> torch.Tensor:
+def head_weight(model) -> torch.nn.Parameter:
+    """The LM-head weight parameter (under ZeRO-3 a shard: read it inside `lm_head_weights`)."""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise UserError("the model's LM head has a bias; generic labels support bias-free (Llama-class) heads only")
     return head.weight
 
 
+@contextmanager
+def lm_head_weights(*models) -> Iterator[list[torch.Tensor]]:
+    """The full LM-head weights of `models` for the duration of the block.
+
+    The kernel applies the heads itself, outside their modules' forward, so under DeepSpeed ZeRO-3 the
+    partitioned weights must be gathered explicitly (as trl's `maybe_gather_lm_head_ctx` does); every
+    rank must enter this together. Unsharded models pass through untouched.
+    """
+    weights = [head_weight(model) for model in models]
+    partitioned = [w for w in weights if hasattr(w, "ds_id")]
+    if not partitioned:
+        yield weights
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield weights
+
+
 @torch.no_grad()
 def check_head_gives_logits(model, input_ids: torch.Tensor, role: str) -> None:
     """Mixing applies the head to the final hidden states itself: refuse models that change logits afterwards.
 
-    (Gemma-2's soft-capping or Cohere's logit scale would make the labels silently wrong.)
+    (Gemma-2's soft-capping or Cohere's logit scale would make the labels silently wrong.) The full
+    forward runs outside `lm_head_weights`: under ZeRO-3 the head's own forward re-partitions its weight.
     """
     logits = model(input_ids=input_ids).logits.float()
-    recomputed = final_hidden_states(model, input_ids).float() @ head_weight(model).float().T
+    hidden = final_hidden_states(model, input_ids).float()
+    with lm_head_weights(model) as (weight,):
+        recomputed = hidden @ weight.float().T
     if not torch.allclose(logits, recomputed, rtol=1e-3, atol=1e-3 * float(logits.abs().max()) + 1e-4):
         raise UserError(f"the {role} model transforms its logits after the LM head (e.g. soft-capping); generic labels need plain head(hidden) logits")
 
 
 def check_same_vocabulary(baseline, reinforced) -> None:
     """Labels index one vocabulary: both models must share it (a reinforced model of another base would not)."""
-    shapes = [tuple(head_weight(model).shape) for model in (baseline, reinforced)]
+    shapes = [tuple(getattr(w, "ds_shape", w.shape)) for w in (head_weight(baseline), head_weight(reinforced))]
     sizes = [model.config.vocab_size for model in (baseline, reinforced)]
     if shapes[0] != shapes[1] or sizes[0] != sizes[1]:
         raise UserError(
@@ -318,16 +342,16 @@ def build_labels(
     on the batch size.
     """
     check_same_vocabulary(baseline, reinforced)
-    wb, wr = head_weight(baseline), head_weight(reinforced)
     baseline.eval()
     reinforced.eval()
+    alphas = cfg.alphas
+    label_batches, counts = [], defaultdict(int)
     if blocks:
         sample = torch.tensor([blocks[0].input_ids[:16]])
         check_head_gives_logits(baseline, sample.to(baseline.device), "baseline")
         check_head_gives_logits(reinforced, sample.to(reinforced.device), "reinforced")
-    alphas = cfg.alphas
-    label_batches, counts = [], defaultdict(int)
-    with torch.no_grad(), tqdm(total=len(blocks), desc="generic labels", unit="block", disable=not progress) as bar:
+    bar = tqdm(total=len(blocks), desc="generic labels", unit="block", disable=not progress)
+    with torch.no_grad(), lm_head_weights(baseline, reinforced) as (wb, wr), bar:
         for first in range(0, len(blocks), cfg.batch_size):
             batch = blocks[first : first + cfg.batch_size]
             translations = [

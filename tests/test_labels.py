@@ -248,11 +248,13 @@ def test_models_that_transform_logits_after_the_head_are_refused():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     ids = torch.tensor([[1, 2, 3, 4]])
-    check_head_gives_logits(tiny_llama(50, 0), ids, "baseline")
+    llama = tiny_llama(50, 0)
+    check_head_gives_logits(llama, ids, "baseline")
     torch.manual_seed(0)
     capped = Gemma2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.05)
+    gemma = Gemma2ForCausalLM(capped).eval()
     with pytest.raises(UserError, match="soft-capping"):
-        check_head_gives_logits(Gemma2ForCausalLM(capped).eval(), ids, "baseline")
+        check_head_gives_logits(gemma, ids, "baseline")
 
 
 def test_load_of_a_missing_label_set(tmp_path):
