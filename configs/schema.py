@@ -74,6 +74,8 @@ class LabelConfig:
             if m <= 0:
                 raise UserError(f"labels.alpha_multipliers must all be > 0, got {m}")
         _positive("labels.batch_size", self.batch_size)
+        if self.impl not in ("auto", "reference", "chunked", "triton"):
+            raise UserError(f"labels.impl must be auto, reference, chunked or triton, got {self.impl!r}")
 
 
 @dataclass

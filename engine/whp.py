@@ -224,6 +224,8 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
     run_dir.claim(phases, overwrite)
     inputs = check_inputs(cfg, run_dir, phases)
     device = pick_device(cfg.device)
+    if "labels" in phases and cfg.labels.impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("labels.impl=triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1")
     with run_dir.opened(cfg, command):
         return _run_phases(cfg, run_dir, inputs, phases, device, eval_models, title)
 

@@ -170,6 +170,15 @@ def anchors_suggest(baseline, reinforced, target, general, out, top_k, overwrite
     click.echo(f"wrote {len(suggestions)} suggested anchors to {out}: review them before use")
 
 
+@cli.command(name="profile-kernel", add_help_option=False, context_settings={"ignore_unknown_options": True})
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+def profile_kernel(argv):
+    """Time the label kernel per impl, shape and N: ms, TFLOP/s, % peak, memory (--help for flags)."""
+    from kernels.profile import main as profile_main
+
+    profile_main(list(argv), prog="obliviate profile-kernel")
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

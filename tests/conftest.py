@@ -1,5 +1,15 @@
 """Fixtures too slow to rebuild per test module; the builders that take arguments are in builders.py."""
 
+# First, before anything imports the Triton kernel: without CUDA, run it under the Triton interpreter
+# (the @triton.jit decorator reads TRITON_INTERPRET when kernels/triton_mixing.py is imported).
+import os  # noqa: E402
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch  # noqa: E402
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import sys
 from pathlib import Path
 

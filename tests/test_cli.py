@@ -207,3 +207,8 @@ def test_block_longer_than_the_model_positions(world, tmp_path, capsys):
 def test_missing_run_directory(world, capsys):
     code, _, err = obliviate("reinforce", "--baseline", world["baseline"], "--target", world["files"].saga, capsys=capsys)
     assert_one_line_error(code, err, "--out")
+
+
+def test_unknown_mixing_impl(world, tmp_path, capsys):
+    code, _, err = obliviate("labels", "--baseline", world["baseline"], "--target", world["files"].saga, "--anchors", world["files"].anchors, "--out", tmp_path / "run", "labels.impl=cuda-magic", capsys=capsys)
+    assert_one_line_error(code, err, "labels.impl")

@@ -235,6 +235,17 @@ def test_build_labels_matches_full_logits(sp_tokenizer, labelled):
         assert result.labels[0, i + 1].tolist() == expected
 
 
+def test_every_mixing_impl_gives_the_same_labels(sp_tokenizer, labelled):
+    """The pipeline's labels do not depend on which `generic_labels` implementation computed them."""
+    blocks, anchors, baseline, reinforced = labelled
+    results = {
+        impl: build_labels(baseline, reinforced, sp_tokenizer, blocks[:3], anchors, LabelConfig(context_length=16, impl=impl, forbid_anchor_keys=True), progress=False).labels
+        for impl in ("reference", "chunked", "triton")
+    }
+    assert torch.equal(results["chunked"], results["reference"])
+    assert torch.equal(results["triton"], results["reference"])
+
+
 def test_vocabulary_and_head_checks():
     with pytest.raises(UserError, match="differ"):
         check_same_vocabulary(tiny_llama(50, 0), tiny_llama(60, 0))

@@ -1,0 +1,629 @@
+"""Throughput and memory of `generic_labels`, per impl, shape and token count (`obliviate profile-kernel`).
+
+    obliviate profile-kernel --shape llama2-7b --tokens 512 --impl reference,chunked          # CPU
+    obliviate profile-kernel --shape llama2-7b --shape llama3-8b --tokens 8192,65536 --dtype bf16
+    python -m kernels.profile --shape llama2-7b --tokens 8192 --dtype bf16   # same flags, without the CLI's deps
+
+Per row: median ms (`triton.testing.do_bench` on CUDA, wall clock over --repeats on CPU), tokens/s,
+effective TFLOP/s with FLOPs = 4·N·H·V (two matmuls) and % of the device's dense peak, peak extra memory
+beyond the inputs, and the fraction of labels that agree with `reference` on the same inputs (by id, or
+by the mixed value at the chosen id within a tolerance, so ties do not count as errors). Rows that would
+not fit are estimated first and skipped, allocation failures become "OOM", and a name that is not
+registered in `kernels.mixing` becomes "unavailable"; nothing here stops the sweep.
+Rows are appended to a CSV and drawn in a PNG. Needs only torch at import time (triton, matplotlib lazily).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import ctypes
+import importlib.metadata
+import importlib.util
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from engine.errors import UserError
+
+SHAPES = {  # name -> (hidden size H, vocabulary V) of the LM head
+    "llama2-7b": (4096, 32000),
+    "llama2-13b": (5120, 32000),
+    "llama2-70b": (8192, 32000),
+    "llama3-8b": (4096, 128256),
+    "llama3-70b": (8192, 128256),
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SPEC_IMPLS = ("reference", "chunked", "triton")  # the paths of the spec, whether registered yet or not
+# Dense peak TFLOP/s by input dtype, matched as a substring of torch.cuda.get_device_name(); first match wins.
+# fp32 is the plain FP32 (non tensor core) rate: torch's default fp32 matmul precision is "highest".
+PEAKS = (
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
+    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # also GH200
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
+)
+CHUNK_ASSUMED = 4096  # vocab columns per chunk for `chunked`'s estimate when kernels.chunked cannot say
+CUDA_HEADROOM = 512 << 20  # do_bench's 256 MiB L2-flush buffer, the CUDA context's slack
+GIB, MIB = float(1 << 30), float(1 << 20)
+CSV_COLUMNS = ("timestamp", "device", "torch", "triton", "commit", "impl", "shape", "H", "V", "N", "dtype", "alphas",
+               "ms", "tokens/s", "TFLOP/s", "% peak", "peak extra MiB", "memory measure", "status", "match fraction")
+
+
+def nvtx_range(name: str):
+    """An NVTX range on CUDA builds (visible in Nsight Systems), a no-op elsewhere."""
+    if torch.cuda.is_available():
+        return torch.cuda.nvtx.range(name)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Row:
+    impl: str
+    shape: str
+    H: int
+    V: int
+    N: int
+    dtype: str
+    ms: float | None = None
+    extra_bytes: int | None = None
+    status: str = "ok"
+    match: float | None = None
+
+    @property
+    def flops(self) -> int:
+        return 4 * self.N * self.H * self.V
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.N / (self.ms / 1e3) if self.ms else None
+
+    @property
+    def tflops(self) -> float | None:
+        return self.flops / (self.ms / 1e3) / 1e12 if self.ms else None
+
+    def pct_peak(self, peak: float | None) -> float | None:
+        return 100.0 * self.tflops / peak if self.tflops is not None and peak else None
+
+
+# ---------------------------------------------------------------- options
+
+def parse_shape(text: str) -> tuple[str, int, int]:
+    text = text.strip()
+    if text.lower() in SHAPES:
+        return (text.lower(), *SHAPES[text.lower()])
+    parts = text.split(",")
+    if len(parts) == 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        h, v = int(parts[0]), int(parts[1])
+        return (f"{h}x{v}", h, v)
+    raise UserError(f"--shape {text!r}: give one of {', '.join(SHAPES)} or H,V (two positive integers)")
+
+
+def parse_tokens(values) -> list[int]:
+    tokens = []
+    for value in values:
+        for part in str(value).split(","):
+            try:
+                n = int(part)
+            except ValueError:
+                raise UserError(f"--tokens {value!r}: give positive integers (repeat --tokens or comma-separate)") from None
+            if n <= 0:
+                raise UserError(f"--tokens {value!r}: token counts must be positive, got {n}")
+            tokens.append(n)
+    if not tokens:
+        raise UserError("give at least one --tokens N")
+    return list(dict.fromkeys(tokens))
+
+
+def _number(flag: str, text, kind=float, minimum: float = 0.0, strict: bool = True):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag} {text!r}: not a {'whole ' if kind is int else ''}number") from None
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise UserError(f"{flag} {text!r}: must be {'>' if strict else '≥'} {minimum:g}")
+    return value
+
+
+def registered_impls() -> list[str]:
+    """The names `kernels.mixing.generic_labels` accepts now (its IMPLS registry or IMPL_NAMES tuple)."""
+    import kernels.mixing as mixing
+
+    return list(getattr(mixing, "IMPLS", None) or getattr(mixing, "IMPL_NAMES", ()))
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def parse_impls(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = ["auto", *SPEC_IMPLS, *(name for name in registered_impls() if name not in SPEC_IMPLS)]
+    for name in names:
+        if name not in known:
+            raise UserError(f"--impl {name!r}: unknown implementation; choose from {', '.join(known)}")
+    if not names:
+        raise UserError("--impl: give at least one implementation")
+    return list(dict.fromkeys(names))
+
+
+def pick_device(name: str) -> torch.device:
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {name!r}: choose auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+# ---------------------------------------------------------------- the machine
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    with contextlib.suppress(OSError):
+        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return f"{model or 'CPU'} ({torch.get_num_threads()} threads)"
+
+
+def peak_tflops(device: torch.device, dtype: str, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peaks[dtype] for key, peaks in PEAKS if key in name), None)
+
+
+def versions() -> tuple[str, str]:
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = "none"
+    return torch.__version__, triton
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a new allocation can take now: CUDA free memory, or the kernel's MemAvailable on CPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        line = next(line for line in open("/proc/meminfo") if line.startswith("MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    with contextlib.suppress(ImportError):
+        import psutil
+
+        return psutil.virtual_memory().available
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class MemoryMeter:
+    """Peak memory a call adds beyond what is allocated before it (the inputs).
+
+    CUDA: `max_memory_allocated` after `reset_peak_memory_stats`. CPU: tracemalloc does not see torch's
+    allocations, so the process's resident-set high-water mark (Linux VmHWM, reset through
+    /proc/self/clear_refs) minus the resident set before the call, after returning freed heap to the OS;
+    where VmHWM cannot be reset, the `getrusage` ru_maxrss delta, which misses peaks below an earlier one.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu_hwm = device.type == "cpu" and self._reset_hwm()
+        self.method = ("CUDA max allocated" if device.type == "cuda"
+                       else "RSS high-water delta" if self.cpu_hwm else "ru_maxrss delta (lower bound)")
+        self.extra = 0
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return MemoryMeter._status("VmHWM") is not None
+        except OSError:
+            return False
+
+    @staticmethod
+    def _status(key: str) -> int | None:
+        with contextlib.suppress(OSError):
+            for line in open("/proc/self/status"):
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        return None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages would otherwise hide reuse
+        if self.cpu_hwm:
+            self._reset_hwm()
+            self.base = self._status("VmRSS")
+        else:
+            self.base = self.before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.extra = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.cpu_hwm:
+            self.extra = self._status("VmHWM") - self.base
+        else:
+            self.extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.before_max
+        self.extra = max(0, self.extra)
+        return False
+
+
+# ---------------------------------------------------------------- estimates and inputs
+
+def input_bytes(n: int, h: int, v: int, dtype: torch.dtype, k: int) -> int:
+    return 2 * (n + v) * h * dtype.itemsize + n * k * 8
+
+
+def extra_bytes_estimate(impl: str, n: int, h: int, v: int, dtype: torch.dtype, a: int, k: int) -> int:
+    """What an impl allocates beyond its inputs, from its algorithm (an over- rather than under-estimate).
+
+    reference: fp32 copies of the inputs (unless fp32) and six [N, V] fp32 at once (b, r, ReLU(r − b),
+    α·ReLU, this α's mixed logits and the last α's; measured 375 MiB at N=512, V=32000 on CPU), one more
+    when forbidden ids are written in. chunked: fp32 hidden states, three [N, chunk] fp32 buffers and the
+    cast weight chunks (chunk width from kernels.chunked.default_chunk when it exists). triton: O(N)
+    outputs and per-split partials (capped at 32 MiB there; 64 MiB here). Any other name: like reference.
+    """
+    fp32, outputs = 4, n * a * 8 * 3
+    casts = 0 if dtype == torch.float32 else 2 * (n + v) * h * fp32
+    if impl == "triton":
+        return outputs + (64 << 20)
+    if impl in ("chunked", "auto"):  # auto is chunked on CPU, triton on CUDA: the larger of the two
+        try:
+            from kernels.chunked import default_chunk
+
+            c = min(v, default_chunk(n, h, dtype != torch.float32))
+        except Exception:  # noqa: BLE001 - an estimate, whatever that module looks like today
+            c = min(v, CHUNK_ASSUMED)
+        return 2 * n * h * fp32 + 2 * c * h * fp32 + 3 * n * c * fp32 + 4 * n * fp32 + outputs + (64 << 20)
+    return casts + (6 + (k > 0)) * n * v * fp32 + outputs
+
+
+def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, k: int, device: torch.device, seed: int = 0):
+    """hb, wb, hr, wr, forbidden: hidden states ~ N(0, 1), weights ~ N(0, 1/H) so logits are ~ N(0, 1)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(rows: int, std: float) -> torch.Tensor:
+        return torch.empty(rows, h, dtype=dtype, device=device).normal_(0.0, std, generator=g)
+
+    hb, wb, hr, wr = normal(n, 1.0), normal(v, h ** -0.5), normal(n, 1.0), normal(v, h ** -0.5)
+    forbidden = None
+    if k:
+        forbidden = torch.randint(0, v, (n, k), generator=g, device=device)
+        if k > 1:
+            forbidden[1::2, -1] = -1  # padding on every other row
+    return hb, wb, hr, wr, forbidden
+
+
+# ---------------------------------------------------------------- measuring
+
+def is_oom(error: BaseException) -> bool:
+    if isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                                 or "defaultcpuallocator" in text)
+
+
+def time_ms(fn, device: torch.device, repeats: int) -> float:
+    """Median milliseconds of fn(): triton's do_bench on CUDA (CUDA events when triton is absent), wall clock on CPU."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            try:
+                return float(do_bench(fn, return_mode="median"))
+            except TypeError:  # older triton: no return_mode
+                return float(do_bench(fn, quantiles=[0.5]))
+        times = []
+        for _ in range(max(repeats, 10)):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def match_fraction(labels, ref_labels, ref_best, inputs, alphas, block: int = 1024) -> float:
+    """Share of (row, α) whose label is the reference's id, or whose mixed value equals the reference's max.
+
+    The mixed value at the chosen id is recomputed in fp32 from gathered weight rows (no [N, V] logits);
+    tolerance 1e-4·(1 + 2α)·max(1, |max|) covers summation order. Ids outside [0, V) count as wrong.
+    """
+    hb, wb, hr, wr, forbidden = inputs
+    n, v = hb.shape[0], wb.shape[0]
+    if tuple(labels.shape) != tuple(ref_labels.shape):
+        return 0.0
+    labels = labels.to(ref_labels.device).long()
+    alpha = torch.tensor(alphas, dtype=torch.float32, device=hb.device)
+    row_mean_weight = None
+    if forbidden is not None:
+        row_mean_weight = sum(wb[i:i + 8192].float().sum(0) for i in range(0, v, 8192)) / v
+    good = 0
+    for start in range(0, n, block):
+        rows = slice(start, min(n, start + block))
+        ids, ref_ids, best = labels[rows], ref_labels[rows], ref_best[rows]
+        valid = (ids >= 0) & (ids < v)
+        safe = ids.clamp(0, v - 1)
+        b = torch.einsum("nh,nah->na", hb[rows].float(), wb[safe].float())
+        r = torch.einsum("nh,nah->na", hr[rows].float(), wr[safe].float())
+        if forbidden is not None:
+            hit = (safe.unsqueeze(-1) == forbidden[rows].unsqueeze(1)).any(-1)
+            b = torch.where(hit, (hb[rows].float() @ row_mean_weight).unsqueeze(1).expand_as(b), b)
+        mixed = b - alpha * torch.relu(r - b)
+        tol = 1e-4 * (1 + 2 * alpha) * best.abs().clamp(min=1.0)
+        good += int((valid & ((ids == ref_ids) | (mixed >= best - tol))).sum())
+    return good / max(1, labels.numel())
+
+
+def profile(shapes, tokens, dtype_name, impls, alphas, forbidden_k, device, repeats, log=None) -> list[Row]:
+    """One Row per impl × shape × N; inputs are built once per shape × N and shared by every impl."""
+    from kernels.mixing import generic_labels
+
+    registered = registered_impls()
+    log = log or (lambda message: None)
+    dtype = DTYPES[dtype_name]
+    headroom = CUDA_HEADROOM if device.type == "cuda" else 0
+    rows = []
+    for shape, h, v in shapes:
+        for n in tokens:
+            free = free_bytes(device)
+            inputs_size = input_bytes(n, h, v, dtype, forbidden_k)
+
+            def needed(impl: str) -> int:
+                return inputs_size + headroom + extra_bytes_estimate(impl, n, h, v, dtype, len(alphas), forbidden_k)
+
+            def skipped(impl: str) -> str:
+                return f"skipped: needs {needed(impl) / GIB:.1f} GiB, {free / GIB:.1f} GiB free"
+
+            planned = []
+            for impl in impls:
+                row = Row(impl, shape, h, v, n, dtype_name)
+                if impl != "auto" and impl not in registered:
+                    row.status = "unavailable: not registered in kernels.mixing"
+                elif impl == "triton" and device.type == "cpu" and not triton_interpreter():
+                    row.status = "unavailable: triton needs CUDA or TRITON_INTERPRET=1"
+                elif impl == "triton" and importlib.util.find_spec("triton") is None:
+                    row.status = "unavailable: triton is not installed"
+                elif needed(impl) > free:
+                    row.status = skipped(impl)
+                else:
+                    planned.append(row)
+                rows.append(row)
+            if not planned:
+                continue
+            try:
+                inputs = make_inputs(n, h, v, dtype, forbidden_k, device)
+            except Exception as error:  # noqa: BLE001 - an allocation failure ends this shape, not the sweep
+                if not is_oom(error):
+                    raise
+                for row in planned:
+                    row.status = "OOM (building inputs)"
+                continue
+            reference = None
+            if needed("reference") <= free:
+                log(f"  reference labels for {shape} N={n} (correctness)")
+                try:
+                    labels, _, best = generic_labels(*inputs[:4], alphas, inputs[4], impl="reference", return_stats=True)
+                    reference = (labels, best)
+                except Exception as error:  # noqa: BLE001
+                    if not is_oom(error):
+                        raise
+            for row in planned:
+                log(f"  {row.impl} {shape} N={n} {dtype_name}")
+                _measure(row, inputs, alphas, device, repeats, reference, generic_labels)
+            del inputs, reference
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _measure(row: Row, inputs, alphas, device, repeats, reference, generic_labels) -> None:
+    hb, wb, hr, wr, forbidden = inputs
+
+    def call():
+        with nvtx_range(f"generic_labels[{row.impl}]"):
+            return generic_labels(hb, wb, hr, wr, alphas, forbidden, impl=row.impl)
+
+    try:
+        call()  # warm-up: compilation and autotuning (whose benchmark buffers) stay out of the memory figure
+        with MemoryMeter(device) as meter:
+            labels = call()
+        row.extra_bytes = meter.extra
+        row.ms = time_ms(call, device, repeats)
+    except Exception as error:  # noqa: BLE001 - one failing impl is a row, not the end of the sweep
+        row.ms = row.extra_bytes = None
+        if is_oom(error):
+            row.status = "OOM"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        else:
+            first_line = (str(error).strip().splitlines() or [""])[0][:120]
+            row.status = f"error: {type(error).__name__}: {first_line}"
+        return
+    if not isinstance(labels, torch.Tensor):
+        row.status = f"error: returned {type(labels).__name__}, not a label tensor"
+    elif reference is not None:
+        row.match = match_fraction(labels, reference[0], reference[1], inputs, alphas)
+
+
+# ---------------------------------------------------------------- output
+
+def _fmt(value, spec: str, missing: str = "") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def table(rows: list[Row], peak: float | None, memory_method: str) -> str:
+    header = ["impl", "shape", "H", "V", "N", "dtype", "ms", "tokens/s", "TFLOP/s", "% peak",
+              f"extra MiB ({memory_method})", "match", "status"]
+    lines = [[r.impl, r.shape, str(r.H), str(r.V), str(r.N), r.dtype, _fmt(r.ms, ".3f", "-"),
+              _fmt(r.tokens_per_s, ",.0f", "-"), _fmt(r.tflops, ".3f", "-"),
+              _fmt(r.pct_peak(peak), ".1f", "-" if r.ms is None else "n/a"),
+              _fmt(None if r.extra_bytes is None else r.extra_bytes / MIB, ",.1f", "-"),
+              _fmt(r.match, ".4f", "-" if r.ms is None else "n/a"), r.status] for r in rows]
+    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
+    left = {0, 1, 5, 12}
+
+    def render(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([render(header), render(["-" * w for w in widths]), *map(render, lines)])
+
+
+def append_csv(path: Path, rows: list[Row], meta: dict, peak: float | None, alphas, memory_method: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(CSV_COLUMNS)
+        for r in rows:
+            writer.writerow([meta["timestamp"], meta["device"], meta["torch"], meta["triton"], meta["commit"],
+                             r.impl, r.shape, r.H, r.V, r.N, r.dtype, ",".join(f"{a:g}" for a in alphas),
+                             _fmt(r.ms, ".4f"), _fmt(r.tokens_per_s, ".1f"), _fmt(r.tflops, ".4f"),
+                             _fmt(r.pct_peak(peak), ".2f"),
+                             _fmt(None if r.extra_bytes is None else r.extra_bytes / MIB, ".2f"),
+                             memory_method if r.extra_bytes is not None else "", r.status, _fmt(r.match, ".6f")])
+
+
+def plot(path: Path, rows: list[Row], title: str, memory_method: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    speed, memory = fig.subplots(1, 2)
+    series: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        if r.ms is not None:
+            series.setdefault((r.impl, r.shape), []).append(r)
+    for (impl, shape), points in series.items():
+        points.sort(key=lambda r: r.N)
+        xs = [r.N for r in points]
+        speed.plot(xs, [r.tflops for r in points], marker="o", label=f"{impl} · {shape}")
+        memory.plot(xs, [r.extra_bytes / MIB for r in points], marker="o", label=f"{impl} · {shape}")
+    for ax, ylabel in ((speed, "effective TFLOP/s (4·N·H·V)"), (memory, f"peak extra MiB ({memory_method})")):
+        ax.set_xlabel("tokens N")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if series:
+            ax.set_xscale("log", base=2)
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no row ran", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def profile_kernel(shapes, tokens, dtype: str | None = None, impls: str = "reference,chunked,triton",
+                   alphas: str = "2.5,5,10", forbidden="0", peak=None, csv_path="runs/profile/kernel.csv",
+                   plot_path="runs/profile/kernel.png", repeats="3", device: str = "auto", echo=print,
+                   log=None) -> list[Row]:
+    """The whole command from its raw option values; bad input raises UserError before anything runs."""
+    parsed_shapes = [parse_shape(s) for s in shapes]
+    if not parsed_shapes:
+        raise UserError("give at least one --shape (" + ", ".join(SHAPES) + ", or H,V)")
+    parsed_tokens = parse_tokens(tokens)
+    parsed_device = pick_device(device)
+    dtype = dtype or ("bf16" if parsed_device.type == "cuda" else "fp32")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose {', '.join(DTYPES)}")
+    parsed_impls = parse_impls(impls)
+    parsed_alphas = [_number("--alphas", a) for a in str(alphas).split(",") if a.strip()]
+    if not parsed_alphas:
+        raise UserError("--alphas: give at least one positive number")
+    forbidden_k = _number("--forbidden", forbidden, int, strict=False)
+    peak_override = None if peak in (None, "") else _number("--peak-tflops", peak)
+    repeat_count = _number("--repeats", repeats, int)
+
+    name = device_name(parsed_device)
+    peak_value = peak_tflops(parsed_device, dtype, peak_override)
+    memory_method = MemoryMeter(parsed_device).method
+    torch_version, triton_version = versions()
+    meta = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
+            "torch": torch_version, "triton": triton_version, "commit": git_commit()}
+    rows = profile(parsed_shapes, parsed_tokens, dtype, parsed_impls, parsed_alphas, forbidden_k, parsed_device,
+                   repeat_count, log=log)
+
+    peak_text = "unknown"
+    if peak_value:
+        peak_text = f"{peak_value:g} TFLOP/s" + (" (--peak-tflops)" if peak_override else "")
+    echo(f"{name} · torch {torch_version} · triton {triton_version} · commit {meta['commit']} · {dtype} · "
+         f"alphas {','.join(f'{a:g}' for a in parsed_alphas)} · forbidden K={forbidden_k} · peak {peak_text}")
+    echo(table(rows, peak_value, memory_method))
+    csv_file = Path(csv_path).expanduser()
+    append_csv(csv_file, rows, meta, peak_value, parsed_alphas, memory_method)
+    written = [f"{len(rows)} rows appended to {csv_file}"]
+    if plot_path:
+        try:
+            plot(Path(plot_path).expanduser(), rows, f"generic_labels on {name}, {dtype}", memory_method)
+            written.append(f"plot {plot_path}")
+        except ImportError:
+            written.append("no plot (matplotlib is not installed)")
+    echo("; ".join(written))
+    return rows
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m kernels.profile") -> None:
+    """The command line of `obliviate profile-kernel` and `python -m kernels.profile` (only torch + triton needed)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", action="append", default=[], help=f"{', '.join(SHAPES)}, or H,V; repeatable")
+    parser.add_argument("--tokens", action="append", default=[], help="token counts N; repeat or comma-separate (1024,8192)")
+    parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--impl", default="reference,chunked,triton", help="comma-separated implementations (default: %(default)s)")
+    parser.add_argument("--alphas", default="2.5,5,10", help="comma-separated α (default: %(default)s)")
+    parser.add_argument("--forbidden", default="0", help="forbidden ids per row, K (default: %(default)s)")
+    parser.add_argument("--peak-tflops", default=None, help="dense peak of the device, overriding the built-in table")
+    parser.add_argument("--csv", default="runs/profile/kernel.csv", help="CSV to append rows to (default: %(default)s)")
+    parser.add_argument("--plot", default="runs/profile/kernel.png", help="PNG plot to write (default: %(default)s)")
+    parser.add_argument("--repeats", default="3", help="timed calls per row on CPU; CUDA uses do_bench (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    a = parser.parse_args(argv)
+    try:
+        profile_kernel(a.shape, a.tokens, a.dtype, a.impl, a.alphas, a.forbidden, a.peak_tflops, a.csv, a.plot,
+                       a.repeats, a.device, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except UserError as e:
+        print(f"{prog.split()[0]}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
