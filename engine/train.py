@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -37,7 +39,13 @@ class StepStats:
 
 
 class TrainBackend(Protocol):
-    """What the loop needs from an engine. One call of `train_step` is one optimizer update."""
+    """What the loop needs from an engine. One call of `train_step` is one optimizer update.
+
+    Every rank of a distributed backend runs `fit` and must make the same sequence of calls.
+    """
+
+    rank: int
+    world_size: int
 
     def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepStats: ...
 
@@ -49,6 +57,18 @@ class TrainBackend(Protocol):
         """Write the current weights as a Hugging Face safetensors directory."""
         ...
 
+    def save_state(self, directory: Path) -> None:
+        """Write this rank's weights and optimizer state into an existing directory (for resuming)."""
+        ...
+
+    def load_state(self, directory: Path) -> None: ...
+
+    def all_reduce(self, *values: float) -> list[float]:
+        """Sums over ranks."""
+        ...
+
+    def barrier(self) -> None: ...
+
 
 def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy in the HF convention, and the number of counted tokens."""
@@ -59,6 +79,8 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
 
 class TorchBackend:
     """Single-process training: AdamW on fp32 master weights, bf16 autocast on GPU when asked."""
+
+    rank, world_size = 0, 1
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, save_fn: Callable[[torch.nn.Module, Path], None], autocast_dtype: torch.dtype | None = None):
         self.model = model
@@ -98,6 +120,20 @@ class TorchBackend:
     def save(self, path: Path) -> None:
         self.save_fn(self.model, path)
 
+    def save_state(self, directory: Path) -> None:
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / "backend.pt")
+
+    def load_state(self, directory: Path) -> None:
+        state = torch.load(directory / "backend.pt", map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def all_reduce(self, *values: float) -> list[float]:
+        return list(values)
+
+    def barrier(self) -> None:
+        pass
+
 
 def split_train_val(input_ids: torch.Tensor, labels: torch.Tensor, val_fraction: float, seed: int):
     """Seeded block-level split; at least one validation block when a fraction is asked for."""
@@ -106,6 +142,15 @@ def split_train_val(input_ids: torch.Tensor, labels: torch.Tensor, val_fraction:
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val, train = order[:n_val], order[n_val:]
     return (input_ids[train], labels[train]), (input_ids[val], labels[val])
+
+
+def shard_padded(input_ids: torch.Tensor, labels: torch.Tensor, rank: int, world_size: int) -> MicroBatch:
+    """This rank's contiguous share of the blocks, padded with fully ignored blocks: every rank gets as many
+    (under ZeRO-3 a rank with one forward call fewer deadlocks the others)."""
+    share = math.ceil(input_ids.shape[0] / world_size)
+    ids, lab = input_ids[rank * share : (rank + 1) * share], labels[rank * share : (rank + 1) * share]
+    pad = share - ids.shape[0]
+    return torch.cat([ids, ids.new_zeros(pad, ids.shape[1])]), torch.cat([lab, lab.new_full((pad, lab.shape[1]), IGNORE_INDEX)])
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -124,6 +169,56 @@ class FitResult:
     best_step: int = -1
     best_val_loss: float = float("inf")
     seconds: float = 0.0
+    interrupted: bool = False  # stopped early by the `stop` flag, after checkpointing
+
+
+class Checkpoints:
+    """`root/step-K/` directories; one is complete only once `root/latest` names it.
+
+    Every rank writes into `step-K.partial/`, then rank 0 renames it and atomically repoints `latest`: a
+    crash at any moment leaves `latest` naming a complete checkpoint (or nothing). Other directories are
+    leftovers of crashes and are never loaded; the last two checkpoints are kept.
+    """
+
+    def __init__(self, root: Path, backend: TrainBackend):
+        self.root, self.backend = Path(root), backend
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        return self.root / pointer.read_text().strip() if pointer.is_file() else None
+
+    def save(self, step: int, loop_state: dict) -> None:
+        backend = self.backend
+        partial, final = self.root / f"step-{step}.partial", self.root / f"step-{step}"
+        if backend.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        backend.barrier()
+        backend.save_state(partial)
+        torch.save({**loop_state, "rng": torch.get_rng_state()}, partial / f"loop-{backend.rank}.pt")
+        backend.barrier()
+        if backend.rank == 0:
+            previous = self.latest()
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            tmp = self.root / "latest.tmp"
+            tmp.write_text(final.name)
+            os.replace(tmp, self.root / "latest")
+            for old in self.root.glob("step-*"):
+                if old not in (final, previous):
+                    shutil.rmtree(old)
+        backend.barrier()
+
+    def load(self) -> dict | None:
+        """Restore the backend and this rank's RNG from the latest checkpoint; return the loop state."""
+        path = self.latest()
+        if path is None:
+            return None
+        self.backend.load_state(path)
+        state = torch.load(path / f"loop-{self.backend.rank}.pt", weights_only=True)
+        torch.set_rng_state(state.pop("rng"))
+        log.info("resuming from %s", path)
+        return state
 
 
 def fit(
@@ -135,29 +230,54 @@ def fit(
     keep_best: bool = True,
     writer=None,
     desc: str = "train",
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    stop=None,
 ) -> FitResult:
     """Train on [B, L] blocks; validate on a held-out split and save the best (or last) weights.
 
     With `keep_best` and a validation split, `save_to` receives the weights with the lowest
     validation loss (the paper's script keeps the best checkpoint on the generic labels);
     otherwise it receives the final weights.
+
+    Every rank calls it with the same data. The global order of blocks does not depend on the world
+    size: each step's blocks are cut into one contiguous share per rank, so N ranks × micro-batch b
+    train like 1 rank × N·b. A checkpoint (every `checkpoint_every` steps into `checkpoint_dir`, and
+    when `stop.is_set()` on any rank, which then returns early) holds the data position and RNG too,
+    so `resume` ends with the same weights as an uninterrupted run.
     """
+    rank, world_size = backend.rank, backend.world_size
     (train_ids, train_labels), (val_ids, val_labels) = split_train_val(input_ids, labels, cfg.val_fraction, cfg.seed)
     n_train = train_ids.shape[0]
-    per_step = cfg.micro_batch_size * cfg.grad_accum
+    local_blocks = cfg.micro_batch_size * cfg.grad_accum
+    per_step = local_blocks * world_size
     steps_per_epoch = max(1, math.ceil(n_train / per_step))
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     eval_every = cfg.eval_every or steps_per_epoch
     validate = keep_best and val_ids.shape[0] > 0
-    result = FitResult()
-    start = time.perf_counter()
+    my_val_ids, my_val_labels = shard_padded(val_ids, val_labels, rank, world_size)
+    writer = writer if rank == 0 else None
+    checkpoints = Checkpoints(checkpoint_dir, backend) if checkpoint_dir is not None else None
+    if resume and checkpoints is None:
+        raise ValueError("resume needs a checkpoint_dir")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    order = torch.empty(0, dtype=torch.long)
+    result, first_step = FitResult(), 0
+    state = checkpoints.load() if resume else None
+    if state is not None:
+        first_step, order, result = state["step"], state["order"], FitResult(**state["result"])
+        generator.set_state(state["generator"])
+    elif resume:
+        log.info("%s: no checkpoint in %s, starting fresh", desc, checkpoint_dir)
+    start = time.perf_counter() - result.seconds
 
     def run_validation(step: int) -> None:
         loss_sum, count = 0.0, 0
-        for i in range(0, val_ids.shape[0], cfg.micro_batch_size):
-            s, c = backend.eval_loss(val_ids[i : i + cfg.micro_batch_size], val_labels[i : i + cfg.micro_batch_size])
+        for i in range(0, my_val_ids.shape[0], cfg.micro_batch_size):
+            s, c = backend.eval_loss(my_val_ids[i : i + cfg.micro_batch_size], my_val_labels[i : i + cfg.micro_batch_size])
             loss_sum, count = loss_sum + s, count + c
         val_loss = loss_sum / max(count, 1)
         result.val_losses.append((step, val_loss))
@@ -169,16 +289,14 @@ def fit(
                 backend.save(save_to)
         log.info("%s step %d: val loss %.4f (best %.4f at step %d)", desc, step, val_loss, result.best_val_loss, result.best_step)
 
-    if validate:
+    if validate and first_step == 0:
         run_validation(0)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order = torch.empty(0, dtype=torch.long)
-    bar = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True)
-    for step in range(total_steps):
+    bar = tqdm(total=total_steps, initial=first_step, desc=desc, unit="step", dynamic_ncols=True, disable=rank != 0)
+    for step in range(first_step, total_steps):
         while order.numel() < per_step:  # new epoch: reshuffle, keep the remainder of the last one
             order = torch.cat([order, torch.randperm(n_train, generator=generator)])
-        chosen, order = order[:per_step], order[per_step:]
-        micro = [(train_ids[chosen[i : i + cfg.micro_batch_size]], train_labels[chosen[i : i + cfg.micro_batch_size]]) for i in range(0, per_step, cfg.micro_batch_size)]
+        chosen, order = order[rank * local_blocks : (rank + 1) * local_blocks], order[per_step:]
+        micro = [(train_ids[chosen[i : i + cfg.micro_batch_size]], train_labels[chosen[i : i + cfg.micro_batch_size]]) for i in range(0, local_blocks, cfg.micro_batch_size)]
         lr = lr_at(step, total_steps, cfg)
         t0 = time.perf_counter()
         stats = backend.train_step(micro, lr)
@@ -193,8 +311,16 @@ def fit(
         bar.update()
         if validate and ((step + 1) % eval_every == 0 or step + 1 == total_steps):
             run_validation(step + 1)
+        stopping = step + 1 < total_steps and stop is not None and backend.all_reduce(float(stop.is_set()))[0] > 0
+        if checkpoints is not None and (stopping or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+            result.seconds = time.perf_counter() - start
+            checkpoints.save(step + 1, {"step": step + 1, "generator": generator.get_state(), "order": order, "result": asdict(result)})
+        if stopping:
+            result.interrupted = True
+            log.info("%s: stopped at step %d", desc, step + 1)
+            break
     bar.close()
-    if not validate and save_to is not None:
+    if not validate and save_to is not None and not result.interrupted:
         backend.save(save_to)
     result.seconds = time.perf_counter() - start
     log.info("%s: %d steps in %.1fs, final loss %.4f", desc, result.steps, result.seconds, result.losses[-1] if result.losses else float("nan"))

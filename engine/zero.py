@@ -26,6 +26,8 @@ from engine.train import IGNORE_INDEX, MicroBatch, StepStats, causal_lm_loss_sum
 
 # Consolidating a large model or a long evaluation can outlast the default 30 min collective timeout.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
+# The tag (subdirectory) of DeepSpeed's checkpoint inside each of fit()'s checkpoint directories.
+CHECKPOINT_TAG = "zero"
 
 
 def ensure_distributed() -> None:
@@ -89,9 +91,9 @@ class DeepSpeedBackend:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        self.world_size = dist.get_world_size()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
 
-    def _all_reduce(self, *values: float) -> list[float]:
+    def all_reduce(self, *values: float) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(t)
         return t.tolist()
@@ -108,7 +110,7 @@ class DeepSpeedBackend:
         """
         self.engine.train()
         local_tokens = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in micro_batches)
-        (global_tokens,) = self._all_reduce(local_tokens)
+        (global_tokens,) = self.all_reduce(local_tokens)
         scale = self.world_size / max(global_tokens, 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -119,7 +121,7 @@ class DeepSpeedBackend:
             self.engine.backward(loss * scale, scale_wrt_gas=False)
             self.engine.step()
             loss_sum += float(loss.detach())
-        (global_loss,) = self._all_reduce(loss_sum)
+        (global_loss,) = self.all_reduce(loss_sum)
         return StepStats(loss=global_loss / max(global_tokens, 1.0), grad_norm=float(self.engine.get_global_grad_norm()), tokens=int(global_tokens))
 
     @torch.no_grad()
@@ -127,7 +129,7 @@ class DeepSpeedBackend:
         """(summed cross-entropy, counted tokens) over every rank's batch."""
         self.engine.eval()
         loss, count = causal_lm_loss_sum(self._logits(input_ids), labels.to(self.engine.device))
-        total, total_count = self._all_reduce(float(loss), count)
+        total, total_count = self.all_reduce(float(loss), count)
         return total, int(total_count)
 
     def save(self, path: Path) -> None:
@@ -137,7 +139,7 @@ class DeepSpeedBackend:
         write a pickle) assembles the full state dict layer by layer on rank 0.
         """
         state_dict = self.engine._zero3_consolidated_16bit_state_dict()
-        if dist.get_rank() == 0:
+        if self.rank == 0:
             path = Path(path)
             tmp = path.with_name(f".{path.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -147,4 +149,16 @@ class DeepSpeedBackend:
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
+        dist.barrier()
+
+    def save_state(self, directory: Path) -> None:
+        """DeepSpeed's own checkpoint: every rank writes its ZeRO-3 shards of weights and optimizer state."""
+        self.engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load_state(self, directory: Path) -> None:
+        load_path, _ = self.engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+
+    def barrier(self) -> None:
         dist.barrier()

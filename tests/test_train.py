@@ -1,11 +1,11 @@
-"""The training loop: golden losses of the first steps, best-checkpoint selection, the loss convention."""
+"""The training loop: golden losses of the first steps, best-checkpoint selection, the loss convention, resuming."""
 
 import pytest
 import torch
 
 from builders import tiny_llama
 from configs import TrainConfig
-from engine.train import IGNORE_INDEX, TorchBackend, causal_lm_loss_sum, fit, lr_at, split_train_val
+from engine.train import IGNORE_INDEX, TorchBackend, causal_lm_loss_sum, fit, lr_at, shard_padded, split_train_val
 
 # First five optimizer steps of `tiny_run` below (torch 2.13 CPU, fp32). A change here means the
 # loop, the loss, the schedule or the optimizer changed: update only when that was the intent.
@@ -85,3 +85,77 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
     cfg = TrainConfig(lr=1.0, warmup_steps=4)
     assert [lr_at(s, 20, cfg) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lr_at(20, 20, cfg) == pytest.approx(0.1)
+
+
+class Scalars:
+    """A tensorboard-writer stand-in recording what fit() logs, and at which steps."""
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = {}
+        self.steps: dict[str, list[int]] = {}
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        name = tag.split("/")[-1]
+        self.values.setdefault(name, []).append(value)
+        self.steps.setdefault(name, []).append(step)
+
+
+class StopAfter:
+    """A stop flag (like a threading.Event set by a signal handler) that turns on at fit()'s n-th check."""
+
+    def __init__(self, n: int):
+        self.n, self.checks = n, 0
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        return self.checks >= self.n
+
+
+# 19 training blocks, 8 per step: step 3 spans two epochs; validation every 2 steps records a best.
+RESUME_CFG = TrainConfig(lr=3e-3, epochs=100, micro_batch_size=4, grad_accum=2, max_steps=6, warmup_steps=2, val_fraction=0.2, eval_every=2, seed=0)
+
+
+def _resume_fit(**kwargs):
+    model = tiny_model()
+    ids = patterned_blocks()
+    return fit(TorchBackend(model, RESUME_CFG, save_fn=lambda m, p: None), ids, ids, RESUME_CFG, **kwargs), model
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    torch.set_num_threads(1)
+    whole, whole_model = _resume_fit()
+    first, _ = _resume_fit(checkpoint_dir=tmp_path, checkpoint_every=2, stop=StopAfter(3))
+    assert first.interrupted and first.steps == 3
+    assert (tmp_path / "latest").read_text() == "step-3"
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["latest", "step-2", "step-3"]
+    (tmp_path / "step-5.partial").mkdir()  # leftovers of a crash: never loaded
+    (tmp_path / "step-4").mkdir()
+    scalars = Scalars()
+    resumed, resumed_model = _resume_fit(checkpoint_dir=tmp_path, checkpoint_every=2, resume=True, writer=scalars)
+    assert not resumed.interrupted and resumed.steps == 6
+    assert scalars.steps["loss"] == [4, 5, 6]
+    assert resumed.losses == whole.losses
+    assert resumed.val_losses == whole.val_losses
+    assert (resumed.best_step, resumed.best_val_loss) == (whole.best_step, whole.best_val_loss)
+    for name, value in whole_model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[name], value, rtol=0, atol=1e-6)
+    assert sorted(d.name for d in tmp_path.iterdir()) == ["latest", "step-4", "step-6"]
+
+
+def test_resume_without_a_complete_checkpoint_starts_fresh(tmp_path):
+    torch.set_num_threads(1)
+    (tmp_path / "step-2.partial").mkdir()
+    (tmp_path / "step-4").mkdir()  # renamed, but `latest` was never pointed at it
+    whole, _ = _resume_fit()
+    scalars = Scalars()
+    fresh, _ = _resume_fit(checkpoint_dir=tmp_path, resume=True, writer=scalars)
+    assert fresh.losses == whole.losses
+    assert scalars.steps["loss"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_validation_shards_are_padded_to_the_same_size():
+    ids = torch.arange(10).reshape(5, 2)
+    shards = [shard_padded(ids, ids, rank, 2) for rank in range(2)]
+    assert [s[0].shape[0] for s in shards] == [3, 3]
+    assert torch.equal(torch.cat([shards[0][1], shards[1][1][:2]]), ids)
+    assert (shards[1][1][2] == IGNORE_INDEX).all()
