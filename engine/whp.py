@@ -29,6 +29,7 @@ from engine.labels import LabelSet, build_labels, check_same_vocabulary
 from engine.models import check_model_dir, check_same_tokenizer, load_model, load_tokenizer, pick_device, save_model
 from engine.report import format_table, write_report
 from engine.train import TorchBackend, fit
+from kernels.mixing import interpreter_requested
 
 log = logging.getLogger("obliviate")
 
@@ -224,7 +225,7 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
     run_dir.claim(phases, overwrite)
     inputs = check_inputs(cfg, run_dir, phases)
     device = pick_device(cfg.device)
-    if "labels" in phases and cfg.labels.impl == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if "labels" in phases and cfg.labels.impl == "triton" and device.type == "cpu" and not interpreter_requested():
         raise UserError("labels.impl=triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1")
     with run_dir.opened(cfg, command):
         return _run_phases(cfg, run_dir, inputs, phases, device, eval_models, title)

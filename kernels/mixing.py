@@ -27,7 +27,8 @@ def _triton_impl():
     return generic_labels_triton
 
 
-def _interpreter_requested() -> bool:
+def interpreter_requested() -> bool:
+    """Whether TRITON_INTERPRET asks for the Triton interpreter (the triton path on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
@@ -71,7 +72,7 @@ def generic_labels(
     elif name == "chunked":
         fn = generic_labels_chunked
     else:
-        if hb.device.type == "cpu" and not _interpreter_requested():
+        if hb.device.type == "cpu" and not interpreter_requested():
             raise ValueError(
                 "impl='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the "
                 "environment before the kernel module is first imported, or use impl='chunked'"

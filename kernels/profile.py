@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import UserError
+from kernels.mixing import interpreter_requested
 
 SHAPES = {  # name -> (hidden size H, vocabulary V) of the LM head
     "llama2-7b": (4096, 32000),
@@ -137,14 +138,10 @@ def _number(flag: str, text, kind=float, minimum: float = 0.0, strict: bool = Tr
 
 
 def registered_impls() -> list[str]:
-    """The names `kernels.mixing.generic_labels` accepts now (its IMPLS registry or IMPL_NAMES tuple)."""
-    import kernels.mixing as mixing
+    """The names `kernels.mixing.generic_labels` accepts (a function, so tests can register fakes)."""
+    from kernels.mixing import IMPL_NAMES
 
-    return list(getattr(mixing, "IMPLS", None) or getattr(mixing, "IMPL_NAMES", ()))
-
-
-def triton_interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return list(IMPL_NAMES)
 
 
 def parse_impls(text: str) -> list[str]:
@@ -420,7 +417,7 @@ def profile(shapes, tokens, dtype_name, impls, alphas, forbidden_k, device, repe
                 row = Row(impl, shape, h, v, n, dtype_name)
                 if impl != "auto" and impl not in registered:
                     row.status = "unavailable: not registered in kernels.mixing"
-                elif impl == "triton" and device.type == "cpu" and not triton_interpreter():
+                elif impl == "triton" and device.type == "cpu" and not interpreter_requested():
                     row.status = "unavailable: triton needs CUDA or TRITON_INTERPRET=1"
                 elif impl == "triton" and importlib.util.find_spec("triton") is None:
                     row.status = "unavailable: triton is not installed"

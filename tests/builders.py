@@ -60,3 +60,26 @@ def tiny_llama(vocab_size: int, seed: int, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, **{**TINY_LLAMA, **overrides})
     return LlamaForCausalLM(config).eval()
+
+
+def obliviate(*argv, capsys):
+    """Run the `obliviate` CLI in-process; return (exit code, stdout, stderr)."""
+    from launcher.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    """Bad input: exit code 2, exactly one `obliviate: error:` line naming the problem, no traceback."""
+    assert code == 2, err
+    error_lines = [line for line in err.splitlines() if line.startswith("obliviate: error:")]
+    assert len(error_lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]

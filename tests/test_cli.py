@@ -13,7 +13,7 @@ from configs import WorldConfig
 from engine.models import save_model
 from engine.tiny import tiny_llama, train_tokenizer
 from engine.world import write_world
-from launcher.cli import main
+from builders import assert_one_line_error, obliviate
 
 TINY = ["reinforce.max_steps=1", "reinforce.micro_batch_size=2", "reinforce.grad_accum=1", "labels.context_length=32", "unlearn.max_steps=2", "unlearn.micro_batch_size=2", "unlearn.grad_accum=1"]
 
@@ -35,27 +35,6 @@ def world(tmp_path_factory):
         "baseline": make_model_dir(root / "a", [files.general, files.saga], 500),
         "other": make_model_dir(root / "b", [files.general], 400),
     }
-
-
-def obliviate(*argv, capsys):
-    """Run the CLI in-process; return (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    error_lines = [line for line in lines if line.startswith("obliviate: error:")]
-    assert len(error_lines) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in error_lines[0], error_lines[0]
 
 
 def write(path: Path, text: str) -> Path:

@@ -13,7 +13,8 @@ import torch
 
 import kernels.mixing
 import kernels.profile as prof
-from launcher.cli import main
+from kernels.mixing import interpreter_requested
+from builders import obliviate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,17 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def impls_here() -> list[str]:
     """reference plus whatever is registered now; triton only where its interpreter can run it."""
     names = ["reference", *(name for name in prof.registered_impls() if name != "reference")]
-    return [name for name in names if name != "triton" or prof.triton_interpreter()]
-
-
-def obliviate(*argv, capsys):
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return [name for name in names if name != "triton" or interpreter_requested()]
 
 
 def tiny(tmp_path, *extra, impls=None):
