@@ -190,12 +190,8 @@ def unlearn(cfg: RunConfig, run: RunDir, inputs: Inputs, labels: LabelSet, devic
     return result
 
 
-def describe(name: str, model_dir: Path) -> str | None:
-    """One report line on how an unlearned model was made, read back from its directory."""
-    path = Path(model_dir) / TRAINING_SUMMARY
-    if not path.is_file():
-        return None
-    s = json.loads(path.read_text())
+def describe(name: str, s: dict) -> str:
+    """One report line on how an unlearned model was made, from the summary saved beside its weights."""
     changed = s["label_stats"].get("changed_fraction", {})
     return (
         f"{name}: α = {s['alpha']:g}, anchor keys forbidden: {s['forbid_anchor_keys']}; kept step {s['best_step']} of {s['steps']} "
@@ -212,8 +208,9 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
         log.info("evaluating %s (%s)", name, path)
         model = load_model(path, name, device).eval()
         results[name] = evaluate_model(model, load_tokenizer(path, name), cfg.eval, terms)
-    notes = [line for name, path in models.items() if (line := describe(name, path))]
-    write_report(run.root, results, title=title, notes=notes)
+    summaries = {name: json.loads((Path(path) / TRAINING_SUMMARY).read_text()) for name, path in models.items() if (Path(path) / TRAINING_SUMMARY).is_file()}
+    notes = [describe(name, summary) for name, summary in summaries.items()]
+    write_report(run.root, results, title=title, notes=notes, extra={"training": summaries})
     print(format_table(results))
     print(f"\nreport: {run.root / 'report.md'}")
     return results

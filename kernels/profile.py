@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from engine.errors import UserError
-from kernels.mixing import interpreter_requested
+from kernels.chunked import default_chunk
+from kernels.mixing import IMPL_NAMES, interpreter_requested
 
 SHAPES = {  # name -> (hidden size H, vocabulary V) of the LM head
     "llama2-7b": (4096, 32000),
@@ -45,7 +46,6 @@ SHAPES = {  # name -> (hidden size H, vocabulary V) of the LM head
     "llama3-70b": (8192, 128256),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SPEC_IMPLS = ("reference", "chunked", "triton")  # the paths of the spec, whether registered yet or not
 # Dense peak TFLOP/s by input dtype, matched as a substring of torch.cuda.get_device_name(); first match wins.
 # fp32 is the plain FP32 (non tensor core) rate: torch's default fp32 matmul precision is "highest".
 PEAKS = (
@@ -55,7 +55,6 @@ PEAKS = (
     ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # also GH200
     ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
 )
-CHUNK_ASSUMED = 4096  # vocab columns per chunk for `chunked`'s estimate when kernels.chunked cannot say
 CUDA_HEADROOM = 512 << 20  # do_bench's 256 MiB L2-flush buffer, the CUDA context's slack
 GIB, MIB = float(1 << 30), float(1 << 20)
 CSV_COLUMNS = ("timestamp", "device", "torch", "triton", "commit", "impl", "shape", "H", "V", "N", "dtype", "alphas",
@@ -139,14 +138,12 @@ def _number(flag: str, text, kind=float, minimum: float = 0.0, strict: bool = Tr
 
 def registered_impls() -> list[str]:
     """The names `kernels.mixing.generic_labels` accepts (a function, so tests can register fakes)."""
-    from kernels.mixing import IMPL_NAMES
-
     return list(IMPL_NAMES)
 
 
 def parse_impls(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    known = ["auto", *SPEC_IMPLS, *(name for name in registered_impls() if name not in SPEC_IMPLS)]
+    known = ["auto", *IMPL_NAMES, *(name for name in registered_impls() if name not in IMPL_NAMES)]
     for name in names:
         if name not in known:
             raise UserError(f"--impl {name!r}: unknown implementation; choose from {', '.join(known)}")
@@ -287,7 +284,7 @@ def extra_bytes_estimate(impl: str, n: int, h: int, v: int, dtype: torch.dtype, 
     reference: fp32 copies of the inputs (unless fp32) and six [N, V] fp32 at once (b, r, ReLU(r − b),
     α·ReLU, this α's mixed logits and the last α's; measured 375 MiB at N=512, V=32000 on CPU), one more
     when forbidden ids are written in. chunked: fp32 hidden states, three [N, chunk] fp32 buffers and the
-    cast weight chunks (chunk width from kernels.chunked.default_chunk when it exists). triton: O(N)
+    cast weight chunks (chunk width from kernels.chunked.default_chunk). triton: O(N)
     outputs and per-split partials (capped at 32 MiB there; 64 MiB here). Any other name: like reference.
     """
     fp32, outputs = 4, n * a * 8 * 3
@@ -295,12 +292,7 @@ def extra_bytes_estimate(impl: str, n: int, h: int, v: int, dtype: torch.dtype, 
     if impl == "triton":
         return outputs + (64 << 20)
     if impl in ("chunked", "auto"):  # auto is chunked on CPU, triton on CUDA: the larger of the two
-        try:
-            from kernels.chunked import default_chunk
-
-            c = min(v, default_chunk(n, h, dtype != torch.float32))
-        except Exception:  # noqa: BLE001 - an estimate, whatever that module looks like today
-            c = min(v, CHUNK_ASSUMED)
+        c = min(v, default_chunk(n, h, dtype != torch.float32))
         return 2 * n * h * fp32 + 2 * c * h * fp32 + 3 * n * c * fp32 + 4 * n * fp32 + outputs + (64 << 20)
     return casts + (6 + (k > 0)) * n * v * fp32 + outputs
 
@@ -406,11 +398,10 @@ def profile(shapes, tokens, dtype_name, impls, alphas, forbidden_k, device, repe
             free = free_bytes(device)
             inputs_size = input_bytes(n, h, v, dtype, forbidden_k)
 
-            def needed(impl: str) -> int:
-                return inputs_size + headroom + extra_bytes_estimate(impl, n, h, v, dtype, len(alphas), forbidden_k)
-
-            def skipped(impl: str) -> str:
-                return f"skipped: needs {needed(impl) / GIB:.1f} GiB, {free / GIB:.1f} GiB free"
+            needed = {
+                impl: inputs_size + headroom + extra_bytes_estimate(impl, n, h, v, dtype, len(alphas), forbidden_k)
+                for impl in {*impls, "reference"}
+            }
 
             planned = []
             for impl in impls:
@@ -421,8 +412,8 @@ def profile(shapes, tokens, dtype_name, impls, alphas, forbidden_k, device, repe
                     row.status = "unavailable: triton needs CUDA or TRITON_INTERPRET=1"
                 elif impl == "triton" and importlib.util.find_spec("triton") is None:
                     row.status = "unavailable: triton is not installed"
-                elif needed(impl) > free:
-                    row.status = skipped(impl)
+                elif needed[impl] > free:
+                    row.status = f"skipped: needs {needed[impl] / GIB:.1f} GiB, {free / GIB:.1f} GiB free"
                 else:
                     planned.append(row)
                 rows.append(row)
@@ -437,7 +428,7 @@ def profile(shapes, tokens, dtype_name, impls, alphas, forbidden_k, device, repe
                     row.status = "OOM (building inputs)"
                 continue
             reference = None
-            if needed("reference") <= free:
+            if needed["reference"] <= free:
                 log(f"  reference labels for {shape} N={n} (correctness)")
                 try:
                     labels, _, best = generic_labels(*inputs[:4], alphas, inputs[4], impl="reference", return_stats=True)

@@ -20,15 +20,14 @@ import triton
 import triton.language as tl
 
 from kernels.chunked import same_tensor, settle_forbidden
+from kernels.mixing import interpreter_requested
 
 try:
     from triton import knobs as _knobs
 
     INTERPRET = bool(_knobs.runtime.interpret)
 except (ImportError, AttributeError):  # older triton
-    import os
-
-    INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    INTERPRET = interpreter_requested()
 
 MAX_ALPHAS = 16  # α count is a constexpr: one compiled variant per count
 N_BUCKET_CAP = 16384  # autotune key: N rounded up to a power of two, capped, so a new N does not re-tune

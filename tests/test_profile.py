@@ -3,7 +3,6 @@ rows that cannot fit or fail, and bad input (one line, exit 2). Tiny shapes: the
 """
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
