@@ -117,6 +117,29 @@ class EvalConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Where and how training runs: Ray workers with DeepSpeed ZeRO-3, or this process (workers: 0)."""
+
+    workers: int = 1  # trainer ranks; one GPU each when the cluster has GPUs. 0: no Ray/DeepSpeed, train in-process
+    ray_address: str = ""  # "" → $RAY_ADDRESS, else a local cluster started for the run (loopback only)
+    cpus_per_worker: int = 1  # CPU threads of each trainer rank (and of the labeler on CPU)
+    queue_depth: int = 2  # steps of labels buffered per rank between labeler and trainer
+    checkpoint_every: int = 100  # optimizer steps between checkpoints (also written on SIGINT/SIGTERM)
+    keep_checkpoints: bool = False  # keep RUN/checkpoints/PHASE after the phase has published its model
+    max_restarts: int = 2  # restarts from the latest checkpoint when a trainer or the labeler dies
+    label_timeout_s: float = 600.0  # a trainer waiting longer than this for labels fails (and restarts)
+    deepspeed: str = ""  # DeepSpeed JSON merged over the generated one (escape hatch: offload, stage, ...)
+    dashboard: bool = False  # Ray dashboard of a local cluster, on 127.0.0.1 only
+
+    def validate(self) -> None:
+        for key in ("workers", "checkpoint_every", "max_restarts"):
+            if getattr(self, key) < 0:
+                raise UserError(f"engine.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("cpus_per_worker", "queue_depth", "label_timeout_s"):
+            _positive(f"engine.{key}", getattr(self, key))
+
+
+@dataclass
 class RunConfig:
     out: str = MISSING  # run directory
     baseline: str = ""  # Hugging Face causal-LM directory ("" in the demo: the world builds it)
@@ -131,8 +154,10 @@ class RunConfig:
     labels: LabelConfig = field(default_factory=LabelConfig)
     unlearn: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, epochs=2))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> None:
+        self.engine.validate()
         self.reinforce.validate("reinforce")
         self.unlearn.validate("unlearn")
         self.world.pretrain.validate("world.pretrain")

@@ -1,5 +1,17 @@
-"""The one error type the CLI turns into a one-line message and exit code 2."""
+"""The errors the CLI turns into a one-line message and an exit code instead of a traceback."""
 
 
 class UserError(Exception):
-    """Bad input from the user: a config value, a file, a model pair. The message is one line."""
+    """Bad input from the user: a config value, a file, a model pair. The message is one line. Exit code 2."""
+
+
+class Interrupted(Exception):
+    """A phase stopped on SIGINT/SIGTERM after writing a checkpoint; `--resume` continues it. Exit code 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class RunFailed(Exception):
+    """A run that could not finish (workers kept dying, a labeler stalled). The message is one line. Exit code 1."""

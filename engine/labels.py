@@ -14,6 +14,7 @@ import bisect
 import json
 import random
 import re
+import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -335,51 +336,98 @@ class LabelSet:
         return cls(columns["input_ids"].long(), columns["labels"].long(), meta["alphas"], meta["stats"])
 
 
-def build_labels(
-    baseline, reinforced, tokenizer, blocks: list[Block], anchors: dict[str, list[str]], cfg: LabelConfig, progress=True
-) -> LabelSet:
-    """Generic labels for every block, `cfg.batch_size` blocks per forward pass of each frozen model.
+def _label_batch(baseline, reinforced, tokenizer, blocks: list[Block], block_ids: list[int], anchors, cfg: LabelConfig, wb, wr, counts) -> torch.Tensor:
+    """Labels int64 [len(blocks), L, len(cfg.alphas)]; block i draws its translations from
+    `random.Random(f"{seed}:{block_ids[i]}")`, so labels depend on neither the batch nor the order of requests."""
+    translations = [
+        translate_block(block, anchors, tokenizer, random.Random(f"{cfg.seed}:{block_id}"), cfg.forbid_anchor_keys)
+        for block_id, block in zip(block_ids, blocks)
+    ]
+    translated_ids = _pad_rows([t.translated_ids for t in translations], fill=0)
+    attention_mask = _pad_rows([[1] * len(t.translated_ids) for t in translations], fill=0)
+    hidden_translated = final_hidden_states(baseline, translated_ids.to(baseline.device), attention_mask.to(baseline.device))
+    original_ids = torch.tensor([block.input_ids for block in blocks], device=reinforced.device)
+    hidden_original = final_hidden_states(reinforced, original_ids)
+    for translation in translations:
+        counts["ignored_positions"] += translation.position_map.count(-1)
+        counts["anchors_matched"] += translation.matched
+        counts["anchors_skipped"] += translation.skipped
+        counts["unaligned_positions"] += translation.unaligned
+        counts["max_translated_length"] = max(counts["max_translated_length"], len(translation.translated_ids))
+    return labels_from_hidden(translations, hidden_translated, hidden_original, wb, wr, cfg.alphas, impl=cfg.impl)
 
-    Each block draws its translations from `random.Random(f"{seed}:{block_index}")`, so labels do not depend
-    on the batch size.
-    """
+
+def _check_models(baseline, reinforced, blocks: list[Block]) -> None:
     check_same_vocabulary(baseline, reinforced)
     baseline.eval()
     reinforced.eval()
-    alphas = cfg.alphas
-    label_batches, counts = [], defaultdict(int)
     if blocks:
         sample = torch.tensor([blocks[0].input_ids[:16]])
         check_head_gives_logits(baseline, sample.to(baseline.device), "baseline")
         check_head_gives_logits(reinforced, sample.to(reinforced.device), "reinforced")
+
+
+def build_labels(
+    baseline, reinforced, tokenizer, blocks: list[Block], anchors: dict[str, list[str]], cfg: LabelConfig, progress=True
+) -> LabelSet:
+    """Generic labels for every block, `cfg.batch_size` blocks per forward pass of each frozen model."""
+    _check_models(baseline, reinforced, blocks)
+    label_batches, counts = [], defaultdict(int)
     bar = tqdm(total=len(blocks), desc="generic labels", unit="block", disable=not progress)
     with torch.no_grad(), lm_head_weights(baseline, reinforced) as (wb, wr), bar:
         for first in range(0, len(blocks), cfg.batch_size):
             batch = blocks[first : first + cfg.batch_size]
-            translations = [
-                translate_block(block, anchors, tokenizer, random.Random(f"{cfg.seed}:{first + k}"), cfg.forbid_anchor_keys)
-                for k, block in enumerate(batch)
-            ]
-            translated_ids = _pad_rows([t.translated_ids for t in translations], fill=0)
-            attention_mask = _pad_rows([[1] * len(t.translated_ids) for t in translations], fill=0)
-            hidden_translated = final_hidden_states(
-                baseline, translated_ids.to(baseline.device), attention_mask.to(baseline.device)
-            )
-            original_ids = torch.tensor([block.input_ids for block in batch], device=reinforced.device)
-            hidden_original = final_hidden_states(reinforced, original_ids)
-            label_batches.append(
-                labels_from_hidden(translations, hidden_translated, hidden_original, wb, wr, alphas, impl=cfg.impl)
-            )
-            for translation in translations:
-                counts["ignored_positions"] += translation.position_map.count(-1)
-                counts["anchors_matched"] += translation.matched
-                counts["anchors_skipped"] += translation.skipped
-                counts["unaligned_positions"] += translation.unaligned
-                counts["max_translated_length"] = max(counts["max_translated_length"], len(translation.translated_ids))
+            ids = list(range(first, first + len(batch)))
+            label_batches.append(_label_batch(baseline, reinforced, tokenizer, batch, ids, anchors, cfg, wb, wr, counts))
             bar.update(len(batch))
     input_ids = torch.tensor([block.input_ids for block in blocks], dtype=torch.long)
     labels = torch.cat(label_batches)
-    return LabelSet(input_ids, labels, alphas, _stats(input_ids, labels, alphas, counts))
+    return LabelSet(input_ids, labels, cfg.alphas, _stats(input_ids, labels, cfg.alphas, counts))
+
+
+class GenericLabeler:
+    """Generic labels on demand for any blocks of the corpus, as the trainer asks for them: the unlearn
+    phase's `LabelSource`, in process or inside a labeler actor.
+
+    Each block is labeled once (the frozen models are deterministic); later epochs reuse the labels kept
+    in memory: a few bytes per token, never logits.
+    """
+
+    def __init__(self, baseline, reinforced, tokenizer, blocks: list[Block], anchors: dict[str, list[str]], cfg: LabelConfig):
+        _check_models(baseline, reinforced, blocks)
+        self.models, self.tokenizer, self.blocks, self.anchors, self.cfg = (baseline, reinforced), tokenizer, blocks, anchors, cfg
+        self.column = cfg.alphas.index(cfg.alpha)
+        self.cache: dict[int, torch.Tensor] = {}  # block id → int32 [L, len(alphas)]
+        self.counts: dict[str, int] = defaultdict(int)
+        self.tokens_labeled, self.busy_seconds = 0, 0.0
+
+    def __call__(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """Labels int64 [len(block_ids), L] for the trained α."""
+        missing = sorted({int(i) for i in block_ids} - self.cache.keys())
+        if missing:
+            start = time.perf_counter()
+            baseline, reinforced = self.models
+            with torch.no_grad(), lm_head_weights(baseline, reinforced) as (wb, wr):
+                for first in range(0, len(missing), self.cfg.batch_size):
+                    ids = missing[first : first + self.cfg.batch_size]
+                    batch = [self.blocks[i] for i in ids]
+                    labels = _label_batch(baseline, reinforced, self.tokenizer, batch, ids, self.anchors, self.cfg, wb, wr, self.counts)
+                    self.cache.update(zip(ids, labels.to(torch.int32)))
+            self.tokens_labeled += len(missing) * len(self.blocks[0].input_ids)
+            self.busy_seconds += time.perf_counter() - start
+        if block_ids.numel() == 0:
+            return torch.empty(0, len(self.blocks[0].input_ids), dtype=torch.long)
+        return torch.stack([self.cache[int(i)][:, self.column] for i in block_ids]).long()
+
+    def scalars(self) -> dict[str, float]:
+        return {}
+
+    def stats(self) -> dict:
+        """The label statistics of `LabelSet.stats` over the blocks labeled so far."""
+        ids = sorted(self.cache)
+        input_ids = torch.tensor([self.blocks[i].input_ids for i in ids], dtype=torch.long)
+        labels = torch.stack([self.cache[i] for i in ids]).long() if ids else torch.empty(0, 0, len(self.cfg.alphas), dtype=torch.long)
+        return _stats(input_ids, labels, self.cfg.alphas, self.counts)
 
 
 def _stats(input_ids: torch.Tensor, labels: torch.Tensor, alphas: list[float], counts: dict) -> dict:

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -135,22 +135,96 @@ class TorchBackend:
         pass
 
 
-def split_train_val(input_ids: torch.Tensor, labels: torch.Tensor, val_fraction: float, seed: int):
-    """Seeded block-level split; at least one validation block when a fraction is asked for."""
-    n = input_ids.shape[0]
-    n_val = 0 if val_fraction == 0 or n < 2 else max(1, round(n * val_fraction))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val, train = order[:n_val], order[n_val:]
-    return (input_ids[train], labels[train]), (input_ids[val], labels[val])
+class LabelSource(Protocol):
+    """Where `fit` gets labels: `labels_for(block_ids)` → int64 [len(block_ids), L].
+
+    A tensor of labels is one (`TensorLabels`); the distributed engine's stream from the labelers is another.
+    `fit` asks in the order `Schedule.requests` gives, so a producer can make them ahead of time.
+    """
+
+    def __call__(self, block_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def scalars(self) -> dict[str, float]:
+        """Observability of the last call (queue depth, producer throughput); logged per step."""
+        ...
 
 
-def shard_padded(input_ids: torch.Tensor, labels: torch.Tensor, rank: int, world_size: int) -> MicroBatch:
-    """This rank's contiguous share of the blocks, padded with fully ignored blocks: every rank gets as many
-    (under ZeRO-3 a rank with one forward call fewer deadlocks the others)."""
-    share = math.ceil(input_ids.shape[0] / world_size)
-    ids, lab = input_ids[rank * share : (rank + 1) * share], labels[rank * share : (rank + 1) * share]
-    pad = share - ids.shape[0]
-    return torch.cat([ids, ids.new_zeros(pad, ids.shape[1])]), torch.cat([lab, lab.new_full((pad, lab.shape[1]), IGNORE_INDEX)])
+class TensorLabels:
+    def __init__(self, labels: torch.Tensor):
+        self.labels = labels
+
+    def __call__(self, block_ids: torch.Tensor) -> torch.Tensor:
+        return self.labels[block_ids]
+
+    def scalars(self) -> dict[str, float]:
+        return {}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which blocks each rank trains on at each step: a pure function of (block count, config, world size).
+
+    The validation split and every epoch's order are seeded by `cfg.seed`; each step takes the next
+    `per_step` blocks and cuts them into one contiguous share per rank, so the global order does not depend
+    on the world size and N ranks × micro-batch b train like 1 rank × N·b. Because it is pure, a resumed
+    run and the labelers recompute it instead of storing it.
+    """
+
+    train_ids: torch.Tensor  # block ids of the training split
+    val_ids: torch.Tensor  # block ids held out for validation
+    local_blocks: int  # blocks per rank per step
+    world_size: int
+    total_steps: int
+    steps_per_epoch: int
+    seed: int
+
+    @classmethod
+    def make(cls, n_blocks: int, cfg: TrainConfig, world_size: int) -> Schedule:
+        n_val = 0 if cfg.val_fraction == 0 or n_blocks < 2 else max(1, round(n_blocks * cfg.val_fraction))
+        order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(cfg.seed))
+        local_blocks = cfg.micro_batch_size * cfg.grad_accum
+        steps_per_epoch = max(1, math.ceil((n_blocks - n_val) / (local_blocks * world_size)))
+        total_steps = math.ceil(cfg.epochs * steps_per_epoch)
+        if cfg.max_steps:
+            total_steps = min(total_steps, cfg.max_steps)
+        return cls(order[n_val:], order[:n_val], local_blocks, world_size, total_steps, steps_per_epoch, cfg.seed)
+
+    @property
+    def val_share_size(self) -> int:
+        return math.ceil(self.val_ids.numel() / self.world_size)
+
+    def val_share(self, rank: int) -> torch.Tensor:
+        """This rank's contiguous share of the validation blocks (the last ranks' may be short)."""
+        size = self.val_share_size
+        return self.val_ids[rank * size : (rank + 1) * size]
+
+    def steps(self, first_step: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """(step, the step's block ids over all ranks) from `first_step` on; epochs reshuffle and carry over."""
+        per_step = self.local_blocks * self.world_size
+        n_train = self.train_ids.numel()
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.empty(0, dtype=torch.long)
+        for step in range(self.total_steps):
+            while order.numel() < per_step:
+                order = torch.cat([order, torch.randperm(n_train, generator=generator)])
+            chosen, order = order[:per_step], order[per_step:]
+            if step >= first_step:
+                yield step, self.train_ids[chosen]
+
+    def share(self, step_ids: torch.Tensor, rank: int) -> torch.Tensor:
+        return step_ids[rank * self.local_blocks : (rank + 1) * self.local_blocks]
+
+    def requests(self, first_step: int = 0) -> Iterator[list[torch.Tensor]]:
+        """Per rank, the block ids `fit` asks labels for, in order: the validation share, then each step's share."""
+        yield [self.val_share(rank) for rank in range(self.world_size)]
+        for _, step_ids in self.steps(first_step):
+            yield [self.share(step_ids, rank) for rank in range(self.world_size)]
+
+
+def pad_blocks(input_ids: torch.Tensor, labels: torch.Tensor, size: int) -> MicroBatch:
+    """Pad with fully ignored blocks to `size`: under ZeRO-3 a rank with one forward call fewer deadlocks the others."""
+    pad = size - input_ids.shape[0]
+    return torch.cat([input_ids, input_ids.new_zeros(pad, input_ids.shape[1])]), torch.cat([labels, labels.new_full((pad, labels.shape[1]), IGNORE_INDEX)])
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -170,6 +244,20 @@ class FitResult:
     best_val_loss: float = float("inf")
     seconds: float = 0.0
     interrupted: bool = False  # stopped early by the `stop` flag, after checkpointing
+    label_wait_seconds: float = 0.0  # spent waiting for training labels (a streamed source's queue)
+    tokens: int = 0  # trained (non-ignored) tokens over all ranks
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The complete checkpoint `root/latest` names, if any."""
+    pointer = Path(root) / "latest"
+    return Path(root) / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def latest_step(root: Path) -> int:
+    """The step `fit(resume=True)` continues from: that of the latest complete checkpoint, else 0."""
+    path = latest_checkpoint(root)
+    return int(path.name.removeprefix("step-")) if path is not None else 0
 
 
 class Checkpoints:
@@ -184,8 +272,7 @@ class Checkpoints:
         self.root, self.backend = Path(root), backend
 
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        return self.root / pointer.read_text().strip() if pointer.is_file() else None
+        return latest_checkpoint(self.root)
 
     def save(self, step: int, loop_state: dict) -> None:
         backend = self.backend
@@ -224,7 +311,7 @@ class Checkpoints:
 def fit(
     backend: TrainBackend,
     input_ids: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | LabelSource,
     cfg: TrainConfig,
     save_to: Path | None = None,
     keep_best: bool = True,
@@ -234,45 +321,38 @@ def fit(
     checkpoint_every: int = 0,
     resume: bool = False,
     stop=None,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> FitResult:
     """Train on [B, L] blocks; validate on a held-out split and save the best (or last) weights.
 
-    With `keep_best` and a validation split, `save_to` receives the weights with the lowest
-    validation loss (the paper's script keeps the best checkpoint on the generic labels);
-    otherwise it receives the final weights.
+    `labels` is a [B, L] tensor or a `LabelSource` asked in `Schedule.requests` order. With `keep_best` and
+    a validation split, `save_to` receives the weights with the lowest validation loss (the paper's script
+    keeps the best checkpoint on the generic labels); otherwise it receives the final weights.
 
-    Every rank calls it with the same data. The global order of blocks does not depend on the world
-    size: each step's blocks are cut into one contiguous share per rank, so N ranks × micro-batch b
-    train like 1 rank × N·b. A checkpoint (every `checkpoint_every` steps into `checkpoint_dir`, and
-    when `stop.is_set()` on any rank, which then returns early) holds the data position and RNG too,
-    so `resume` ends with the same weights as an uninterrupted run.
+    Every rank calls it with the same data and trains on its share of each step (`Schedule`). A checkpoint
+    (every `checkpoint_every` steps into `checkpoint_dir`, and when `stop.is_set()` on any rank, which then
+    returns early) holds the step and RNG, so `resume` ends with the same weights as an uninterrupted run.
+    `progress(step, total_steps, loss)` is called on rank 0 after each step, in place of the progress bar.
     """
     rank, world_size = backend.rank, backend.world_size
-    (train_ids, train_labels), (val_ids, val_labels) = split_train_val(input_ids, labels, cfg.val_fraction, cfg.seed)
-    n_train = train_ids.shape[0]
-    local_blocks = cfg.micro_batch_size * cfg.grad_accum
-    per_step = local_blocks * world_size
-    steps_per_epoch = max(1, math.ceil(n_train / per_step))
-    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
-    eval_every = cfg.eval_every or steps_per_epoch
-    validate = keep_best and val_ids.shape[0] > 0
-    my_val_ids, my_val_labels = shard_padded(val_ids, val_labels, rank, world_size)
+    labels_for = TensorLabels(labels) if isinstance(labels, torch.Tensor) else labels
+    schedule = Schedule.make(input_ids.shape[0], cfg, world_size)
+    total_steps = schedule.total_steps
+    eval_every = cfg.eval_every or schedule.steps_per_epoch
+    validate = keep_best and schedule.val_ids.numel() > 0
     writer = writer if rank == 0 else None
     checkpoints = Checkpoints(checkpoint_dir, backend) if checkpoint_dir is not None else None
     if resume and checkpoints is None:
         raise ValueError("resume needs a checkpoint_dir")
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order = torch.empty(0, dtype=torch.long)
     result, first_step = FitResult(), 0
     state = checkpoints.load() if resume else None
     if state is not None:
-        first_step, order, result = state["step"], state["order"], FitResult(**state["result"])
-        generator.set_state(state["generator"])
+        first_step, result = state["step"], FitResult(**state["result"])
     elif resume:
         log.info("%s: no checkpoint in %s, starting fresh", desc, checkpoint_dir)
     start = time.perf_counter() - result.seconds
+    my_val = schedule.val_share(rank)
+    my_val_ids, my_val_labels = pad_blocks(input_ids[my_val], labels_for(my_val), schedule.val_share_size)
 
     def run_validation(step: int) -> None:
         loss_sum, count = 0.0, 0
@@ -291,22 +371,28 @@ def fit(
 
     if validate and first_step == 0:
         run_validation(0)
-    bar = tqdm(total=total_steps, initial=first_step, desc=desc, unit="step", dynamic_ncols=True, disable=rank != 0)
-    for step in range(first_step, total_steps):
-        while order.numel() < per_step:  # new epoch: reshuffle, keep the remainder of the last one
-            order = torch.cat([order, torch.randperm(n_train, generator=generator)])
-        chosen, order = order[rank * local_blocks : (rank + 1) * local_blocks], order[per_step:]
-        micro = [(train_ids[chosen[i : i + cfg.micro_batch_size]], train_labels[chosen[i : i + cfg.micro_batch_size]]) for i in range(0, local_blocks, cfg.micro_batch_size)]
-        lr = lr_at(step, total_steps, cfg)
+    bar = tqdm(total=total_steps, initial=first_step, desc=desc, unit="step", dynamic_ncols=True, disable=rank != 0 or progress is not None)
+    for step, step_ids in schedule.steps(first_step):
+        chosen = schedule.share(step_ids, rank)
+        t_wait = time.perf_counter()
+        chosen_labels = labels_for(chosen)
         t0 = time.perf_counter()
+        result.label_wait_seconds += t0 - t_wait
+        micro = [(input_ids[chosen[i : i + cfg.micro_batch_size]], chosen_labels[i : i + cfg.micro_batch_size]) for i in range(0, chosen.numel(), cfg.micro_batch_size)]
+        lr = lr_at(step, total_steps, cfg)
         stats = backend.train_step(micro, lr)
         result.losses.append(stats.loss)
-        result.steps = step + 1
+        result.steps, result.tokens = step + 1, result.tokens + stats.tokens
         if writer is not None:
             writer.add_scalar(f"{desc}/loss", stats.loss, step + 1)
             writer.add_scalar(f"{desc}/lr", lr, step + 1)
             writer.add_scalar(f"{desc}/grad_norm", stats.grad_norm, step + 1)
             writer.add_scalar(f"{desc}/tokens_per_s", stats.tokens / max(time.perf_counter() - t0, 1e-9), step + 1)
+            writer.add_scalar(f"{desc}/label_wait_s", t0 - t_wait, step + 1)
+            for name, value in labels_for.scalars().items():
+                writer.add_scalar(f"{desc}/{name}", value, step + 1)
+        if progress is not None and rank == 0:
+            progress(step + 1, total_steps, stats.loss)
         bar.set_postfix(loss=f"{stats.loss:.3f}")
         bar.update()
         if validate and ((step + 1) % eval_every == 0 or step + 1 == total_steps):
@@ -314,7 +400,7 @@ def fit(
         stopping = step + 1 < total_steps and stop is not None and backend.all_reduce(float(stop.is_set()))[0] > 0
         if checkpoints is not None and (stopping or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
             result.seconds = time.perf_counter() - start
-            checkpoints.save(step + 1, {"step": step + 1, "generator": generator.get_state(), "order": order, "result": asdict(result)})
+            checkpoints.save(step + 1, {"step": step + 1, "result": asdict(result)})
         if stopping:
             result.interrupted = True
             log.info("%s: stopped at step %d", desc, step + 1)

@@ -1,9 +1,11 @@
-"""The WHP recipe, top to bottom: reinforce → generic labels → unlearn → evaluate → report.
+"""The WHP recipe, top to bottom: reinforce → unlearn on generic labels → evaluate → report.
 
 Every command of the CLI is a slice of `run`: the phases chain through the run directory
-(`reinforced/`, `labels/`, `unlearned/`, `metrics.json`), so `obliviate labels` after
-`obliviate reinforce --out R` finds `R/reinforced` by itself. All inputs are checked before
-anything is written, and each phase's output appears atomically, only once it is complete.
+(`reinforced/`, `unlearned/`, `metrics.json`), so `obliviate unlearn` after `obliviate reinforce --out R`
+finds `R/reinforced` by itself. The unlearn phase makes its generic labels while it trains (a labeler
+streams them to the trainer); `obliviate labels` exports them to `labels/` for inspection only. All inputs
+are checked before anything is written, each phase's output appears atomically once complete, and a phase
+interrupted or crashed continues from `checkpoints/PHASE/` with `resume`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoConfig
 
 from configs import RunConfig, save_config
@@ -25,15 +26,16 @@ from engine.anchors import load_anchors
 from engine.corpus import make_blocks, read_corpus
 from engine.errors import UserError
 from engine.evaluate import evaluate_model, load_completion_prompts, load_probes
-from engine.labels import LabelSet, build_labels, check_same_vocabulary
-from engine.models import check_model_dir, check_same_tokenizer, load_model, load_tokenizer, pick_device, save_model
+from engine.labels import LabelSet, build_labels
+from engine.models import check_model_dir, check_same_tokenizer, load_model, load_tokenizer, pick_device
+from engine.phase import LabelerSpec, LocalTrainer, PhaseResult, TrainJob
 from engine.report import format_table, write_report
-from engine.train import TorchBackend, fit
 from kernels.mixing import interpreter_requested
 
 log = logging.getLogger("obliviate")
 
 PHASES = ("reinforce", "labels", "unlearn", "eval")
+RUN_PHASES = ("reinforce", "unlearn", "eval")  # labels is an export, not a step of the recipe
 TRAINING_SUMMARY = "obliviate_training.json"  # beside the unlearned weights: how they were made
 
 
@@ -47,14 +49,26 @@ class RunDir:
     def outputs(self) -> dict[str, Path]:
         return {"reinforce": self.root / "reinforced", "labels": self.root / "labels", "unlearn": self.root / "unlearned", "eval": self.root / "metrics.json"}
 
-    def claim(self, phases: list[str], overwrite: bool) -> None:
-        """Refuse to replace finished phase outputs unless asked to; the old output stays until the new one is complete."""
+    def claim(self, phases: list[str], overwrite: bool, resume: bool = False) -> list[str]:
+        """The phases to run. A finished phase output is kept and skipped with `resume`, replaced with
+        `overwrite` (the old output stays until the new one is complete), and refused otherwise."""
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"output path {self.root} exists and is not a directory")
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite contradict each other: pick one")
+        todo = []
         for phase in phases:
             output = self.outputs[phase]
-            if output.exists() and not overwrite:
-                raise UserError(f"{self.root} already holds a finished {phase} phase ({output.name}); pass --overwrite to replace it")
+            if output.exists() and resume:
+                log.info("%s: finished earlier, kept (%s)", phase, output)
+            elif output.exists() and not overwrite:
+                raise UserError(f"{self.root} already holds a finished {phase} phase ({output.name}); pass --overwrite to replace it or --resume to keep it")
+            else:
+                todo.append(phase)
+        return todo
+
+    def checkpoints(self, phase: str) -> Path:
+        return self.root / "checkpoints" / phase
 
     @contextmanager
     def opened(self, cfg: RunConfig, command: str):
@@ -71,11 +85,13 @@ class RunDir:
             logging.getLogger().removeHandler(handler)
             handler.close()
 
-    def staging(self, phase: str) -> Path:
-        """Where a phase writes until it is complete (cleared of an earlier crash's leftovers)."""
+    def staging(self, phase: str, clear: bool = True) -> Path:
+        """Where a phase writes until it is complete; cleared of an earlier crash's leftovers unless resuming
+        (it then holds the best model so far, which the checkpoint's record refers to)."""
         output = self.outputs[phase]
         staging = output.with_name(f".{output.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
+        if clear:
+            shutil.rmtree(staging, ignore_errors=True)
         return staging
 
     def publish(self, phase: str) -> Path:
@@ -84,9 +100,6 @@ class RunDir:
         shutil.rmtree(output, ignore_errors=True)
         os.replace(output.with_name(f".{output.name}.partial"), output)
         return output
-
-    def writer(self, phase: str) -> SummaryWriter:
-        return SummaryWriter(str(self.root / "tb" / phase))
 
 
 def anchor_terms(path: str) -> list[str]:
@@ -110,6 +123,7 @@ class Inputs:
     tokenizer: object
     target_blocks: list
     anchors: dict[str, list[str]] | None
+    deepspeed: dict  # the user's DeepSpeed JSON (engine.deepspeed), merged over the generated config
 
 
 def check_inputs(cfg: RunConfig, run: RunDir, phases: list[str]) -> Inputs:
@@ -118,13 +132,13 @@ def check_inputs(cfg: RunConfig, run: RunDir, phases: list[str]) -> Inputs:
     if {"reinforce", "labels", "unlearn"} & set(phases):
         baseline = check_model_dir(_required(cfg.baseline, "baseline model", "--baseline"), "baseline")
         tokenizer = load_tokenizer(baseline, "baseline")
-    if {"reinforce", "labels"} & set(phases):
+    if {"reinforce", "labels", "unlearn"} & set(phases):
         positions = getattr(AutoConfig.from_pretrained(baseline), "max_position_embeddings", None)
         if positions is not None and positions < cfg.labels.context_length:
             raise UserError(f"labels.context_length={cfg.labels.context_length} exceeds the baseline's {positions} positions")
         target = _required(cfg.target, "target corpus", "--target")
         blocks = make_blocks(read_corpus(target), tokenizer, cfg.labels.context_length, name=f"target corpus {target}")
-    if "labels" in phases:
+    if {"labels", "unlearn"} & set(phases):
         anchors_file = load_anchors(_required(cfg.anchors, "anchor dictionary", "--anchors"))
         for key, reason in anchors_file.dropped:
             log.info("anchor %r dropped: %s", key, reason)
@@ -132,8 +146,6 @@ def check_inputs(cfg: RunConfig, run: RunDir, phases: list[str]) -> Inputs:
         if "reinforce" not in phases:
             reinforced = check_model_dir(cfg.reinforced or run.outputs["reinforce"], "reinforced")
             check_same_tokenizer(tokenizer, load_tokenizer(reinforced, "reinforced"), ("baseline", "reinforced"))
-    if "unlearn" in phases and "labels" not in phases and not run.outputs["labels"].is_dir():
-        raise UserError(f"no generic labels in {run.outputs['labels']}: run `obliviate labels` first")
     if "eval" in phases:
         if cfg.oracle:
             check_model_dir(cfg.oracle, "oracle")
@@ -143,24 +155,60 @@ def check_inputs(cfg: RunConfig, run: RunDir, phases: list[str]) -> Inputs:
             load_completion_prompts(cfg.eval.completions)
         if cfg.eval.general_text and not Path(cfg.eval.general_text).is_file():
             raise UserError(f"evaluation text not found: {cfg.eval.general_text}")
-    return Inputs(baseline, reinforced, tokenizer, blocks, anchors)
+    return Inputs(baseline, reinforced, tokenizer, blocks, anchors, _deepspeed_json(cfg.engine.deepspeed))
 
 
-def reinforce(cfg: RunConfig, run: RunDir, inputs: Inputs, device: torch.device) -> Path:
+def _deepspeed_json(path: str) -> dict:
+    if not path:
+        return {}
+    try:
+        config = json.loads(Path(path).expanduser().read_text())
+    except OSError as e:
+        raise UserError(f"cannot read the DeepSpeed config {path}: {e.strerror or e}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"the DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"the DeepSpeed config {path} must be a JSON object")
+    return config
+
+
+def _job(cfg: RunConfig, run: RunDir, phase: str, inputs: Inputs, labeler: LabelerSpec | None, resume: bool) -> TrainJob:
+    if not resume:
+        shutil.rmtree(run.checkpoints(phase), ignore_errors=True)  # an earlier crash's, now stale
+    return TrainJob(
+        phase=phase,
+        init=inputs.baseline,
+        train=getattr(cfg, phase),
+        input_ids=torch.tensor([b.input_ids for b in inputs.target_blocks]),
+        labeler=labeler,
+        save_to=run.staging(phase, clear=not resume),
+        keep_best=phase == "unlearn",
+        checkpoint_dir=run.checkpoints(phase),
+        checkpoint_every=cfg.engine.checkpoint_every,
+        tb_dir=run.root / "tb" / phase,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        deepspeed=inputs.deepspeed,
+    )
+
+
+def _publish(cfg: RunConfig, run: RunDir, phase: str) -> Path:
+    output = run.publish(phase)
+    if not cfg.engine.keep_checkpoints:
+        shutil.rmtree(run.checkpoints(phase), ignore_errors=True)
+    return output
+
+
+def reinforce(cfg: RunConfig, run: RunDir, inputs: Inputs, trainer, resume: bool) -> Path:
     """Phase 1: keep training the baseline on the target; only used to find target-specific tokens."""
-    model = load_model(inputs.baseline, "baseline", device)
-    ids = torch.tensor([b.input_ids for b in inputs.target_blocks])
-    backend = TorchBackend(model, cfg.reinforce, save_fn=lambda m, path: save_model(m, inputs.tokenizer, path), autocast_dtype=_autocast(cfg, device))
-    with run.writer("reinforce") as writer:
-        fit(backend, ids, ids, cfg.reinforce, save_to=run.staging("reinforce"), keep_best=False, writer=writer, desc="reinforce")
-    return run.publish("reinforce")
+    trainer.train(_job(cfg, run, "reinforce", inputs, None, resume), resume)
+    return _publish(cfg, run, "reinforce")
 
 
 def make_labels(cfg: RunConfig, run: RunDir, inputs: Inputs, reinforced_dir: Path, device: torch.device) -> LabelSet:
-    """Phase 2: generic labels per block from the frozen baseline (translated) and reinforced (original) models."""
+    """Export: generic labels of every block, written to RUN/labels for inspection (unlearn makes its own)."""
     baseline = load_model(inputs.baseline, "baseline", device).eval()
     reinforced = load_model(reinforced_dir, "reinforced", device).eval()
-    check_same_vocabulary(baseline, reinforced)
     labels = build_labels(baseline, reinforced, inputs.tokenizer, inputs.target_blocks, inputs.anchors, cfg.labels)
     labels.save(run.staging("labels"))
     run.publish("labels")
@@ -168,14 +216,13 @@ def make_labels(cfg: RunConfig, run: RunDir, inputs: Inputs, reinforced_dir: Pat
     return labels
 
 
-def unlearn(cfg: RunConfig, run: RunDir, inputs: Inputs, labels: LabelSet, device: torch.device):
-    """Phase 3: fine-tune the baseline on (original tokens, generic labels); keep the best validation loss."""
-    column = labels.alphas.index(cfg.labels.alpha)
-    model = load_model(inputs.baseline, "baseline", device)
-    backend = TorchBackend(model, cfg.unlearn, save_fn=lambda m, path: save_model(m, inputs.tokenizer, path), autocast_dtype=_autocast(cfg, device))
-    with run.writer("unlearn") as writer:
-        staging = run.staging("unlearn")
-        result = fit(backend, labels.input_ids, labels.labels[..., column], cfg.unlearn, save_to=staging, keep_best=True, writer=writer, desc="unlearn")
+def unlearn(cfg: RunConfig, run: RunDir, inputs: Inputs, reinforced_dir: Path, trainer, resume: bool) -> PhaseResult:
+    """Phase 2: fine-tune the baseline on (original tokens, generic labels made alongside by the labeler);
+    keep the best validation loss."""
+    labeler = LabelerSpec(inputs.baseline, reinforced_dir, inputs.target_blocks, inputs.anchors, cfg.labels)
+    job = _job(cfg, run, "unlearn", inputs, labeler, resume)
+    phase = trainer.train(job, resume)
+    result = phase.fit
     log.info("unlearn: best validation loss %.4f at step %d of %d", result.best_val_loss, result.best_step, result.steps)
     summary = {
         "alpha": cfg.labels.alpha,
@@ -183,20 +230,25 @@ def unlearn(cfg: RunConfig, run: RunDir, inputs: Inputs, labels: LabelSet, devic
         "best_step": result.best_step,
         "steps": result.steps,
         "best_val_loss": result.best_val_loss,
-        "label_stats": labels.stats,
+        "label_stats": phase.label_stats,
+        "workers": cfg.engine.workers,
+        "throughput": phase.throughput,
     }
-    (staging / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    run.publish("unlearn")
-    return result
+    (job.save_to / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    _publish(cfg, run, "unlearn")
+    return phase
 
 
 def describe(name: str, s: dict) -> str:
     """One report line on how an unlearned model was made, from the summary saved beside its weights."""
     changed = s["label_stats"].get("changed_fraction", {})
+    speed = s.get("throughput", {})
+    engine = f"{s['workers']} DeepSpeed ZeRO-3 worker(s)" if s.get("workers") else "in-process"
     return (
         f"{name}: α = {s['alpha']:g}, anchor keys forbidden: {s['forbid_anchor_keys']}; kept step {s['best_step']} of {s['steps']} "
         f"(validation loss on generic labels {s['best_val_loss']:.4f}); {s['label_stats'].get('blocks')} blocks, "
-        f"labels differing from the original next token per α: {changed}"
+        f"labels differing from the original next token per α: {changed}; trained {engine} at "
+        f"{speed.get('tokens_per_s', 0):.0f} tokens/s, waiting for labels {100 * speed.get('label_wait_fraction', 0):.1f}% of the time"
     )
 
 
@@ -216,34 +268,30 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
     return results
 
 
-def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_models: dict[str, Path] | None = None, title: str = "obliviate run") -> dict | None:
-    """Run the given phases in order; `eval_models` overrides which models the eval phase compares."""
+def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_models: dict[str, Path] | None = None, title: str = "obliviate run", trainer=None, resume: bool = False) -> dict | None:
+    """Run the given phases in order with `trainer` (default: in this process); `eval_models` overrides which
+    models the eval phase compares. With `resume`, finished phases are kept and an interrupted one continues."""
     run_dir = RunDir(Path(cfg.out).expanduser())
-    run_dir.claim(phases, overwrite)
+    phases = run_dir.claim(phases, overwrite, resume)
     inputs = check_inputs(cfg, run_dir, phases)
     device = pick_device(cfg.device)
     if "labels" in phases and cfg.labels.impl == "triton" and device.type == "cpu" and not interpreter_requested():
         raise UserError("labels.impl=triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1")
     with run_dir.opened(cfg, command):
-        return _run_phases(cfg, run_dir, inputs, phases, device, eval_models, title)
+        return _run_phases(cfg, run_dir, inputs, phases, device, eval_models, title, trainer or LocalTrainer(), resume)
 
 
-def _run_phases(cfg, run_dir: RunDir, inputs: Inputs, phases: list[str], device, eval_models, title) -> dict | None:
+def _run_phases(cfg, run_dir: RunDir, inputs: Inputs, phases: list[str], device, eval_models, title, trainer, resume: bool) -> dict | None:
     reinforced_dir = inputs.reinforced
     if "reinforce" in phases:
-        reinforced_dir = reinforce(cfg, run_dir, inputs, device)
-    labels = None
+        reinforced_dir = reinforce(cfg, run_dir, inputs, trainer, resume)
     if "labels" in phases:
-        labels = make_labels(cfg, run_dir, inputs, reinforced_dir, device)
+        make_labels(cfg, run_dir, inputs, reinforced_dir, device)
     if "unlearn" in phases:
-        unlearn(cfg, run_dir, inputs, labels or LabelSet.load(run_dir.outputs["labels"]), device)
+        unlearn(cfg, run_dir, inputs, reinforced_dir, trainer, resume)
     if "eval" not in phases:
         return None
     models = dict(eval_models or {"baseline": inputs.baseline, "unlearned": run_dir.outputs["unlearn"]})
     if cfg.oracle and "oracle" not in models:
         models["oracle"] = Path(cfg.oracle).expanduser()
     return evaluate(cfg, run_dir, models, device, title)
-
-
-def _autocast(cfg: RunConfig, device: torch.device) -> torch.dtype | None:
-    return torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cuda" else None

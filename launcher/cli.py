@@ -1,15 +1,16 @@
 """`obliviate`: the command line. Each command = a typed config + overrides → a slice of the WHP recipe.
 
     obliviate demo                                  # tiny world, end to end on CPU
-    obliviate run configs/whp.yaml --baseline DIR --target FILE --anchors FILE --out RUN
+    obliviate run configs/whp.yaml --baseline DIR --target FILE --anchors FILE --out RUN --workers 8
     obliviate reinforce --baseline DIR --target FILE --out RUN
-    obliviate labels    --baseline DIR --target FILE --anchors FILE --out RUN   # uses RUN/reinforced
-    obliviate unlearn   --baseline DIR --out RUN unlearn.lr=1e-6                  # uses RUN/labels
+    obliviate unlearn   --baseline DIR --target FILE --anchors FILE --out RUN   # uses RUN/reinforced
+    obliviate labels    --baseline DIR --target FILE --anchors FILE --out RUN   # export, for inspection
     obliviate eval      --model RUN/unlearned --baseline DIR --oracle DIR --out RUN eval.probes=...
     obliviate anchors suggest --baseline DIR --reinforced DIR --target FILE --general FILE --out anchors.yaml
 
 Positional arguments are an optional YAML config followed by dotted overrides (`unlearn.lr=1e-6`).
-Bad input ends with one line on stderr and exit code 2.
+Bad input ends with one line on stderr and exit code 2; a run that cannot finish with exit code 1; SIGINT
+or SIGTERM with a checkpoint and exit code 128 + signal (continue with `--resume`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 import click
 
 from configs import CONFIG_DIR, RunConfig, load_config
-from engine.errors import UserError
+from engine.errors import Interrupted, RunFailed, UserError
+
 
 def _split_args(args: tuple[str, ...], default_config: Path | None) -> tuple[Path | None, list[str]]:
     config, overrides = default_config, []
@@ -37,9 +39,22 @@ def _split_args(args: tuple[str, ...], default_config: Path | None) -> tuple[Pat
     return config, overrides
 
 
-def _config(args, default_config: Path | None = None, **flags) -> RunConfig:
+def _config(args, default_config: Path | None = None, workers: int | None = None, ray_address: str = "", **flags) -> RunConfig:
     path, overrides = _split_args(args, default_config)
+    engine = {"engine.workers": workers, "engine.ray_address": ray_address}
+    overrides += [f"{key}={value}" for key, value in engine.items() if value not in (None, "")]
     return load_config(path, overrides, **flags)
+
+
+def _trainer(cfg: RunConfig):
+    """Ray workers with DeepSpeed ZeRO-3, or this process for `engine.workers=0`."""
+    if cfg.engine.workers == 0:
+        from engine.phase import LocalTrainer
+
+        return LocalTrainer()
+    from launcher.distributed import RayTrainer
+
+    return RayTrainer(cfg.engine, cfg.device)
 
 
 def run_options(*names: str):
@@ -53,6 +68,9 @@ def run_options(*names: str):
     }
 
     def decorate(fn):
+        fn = click.option("--ray-address", default="", help="Ray cluster to use (default: $RAY_ADDRESS, else a local one)")(fn)
+        fn = click.option("--workers", type=click.IntRange(min=0), default=None, help="trainer ranks (engine.workers; 0: in this process)")(fn)
+        fn = click.option("--resume", is_flag=True, help="keep finished phases, continue an interrupted one from its checkpoint")(fn)
         fn = click.option("--overwrite", is_flag=True, help="replace finished phase outputs in --out")(fn)
         fn = click.option("--out", default="", help="run directory")(fn)
         for name in reversed(names):
@@ -69,7 +87,7 @@ def cli() -> None:
 
 @cli.command()
 @run_options("baseline", "target", "anchors", "oracle")
-def demo(args, overwrite, **flags):
+def demo(args, overwrite, resume, **flags):
     """The whole method on a generated tiny world, on CPU, in minutes.
 
     Beside the faithful method it also unlearns with the anchor keys' own tokens forbidden
@@ -83,49 +101,53 @@ def demo(args, overwrite, **flags):
     variant = copy.deepcopy(cfg)
     variant.out, variant.reinforced = str(root / "variant-forbid-anchor-keys"), str(root / "reinforced")
     variant.labels.forbid_anchor_keys = not cfg.labels.forbid_anchor_keys
-    whp.RunDir(root).claim(list(whp.PHASES), overwrite)  # refuse a finished run before building anything
-    whp.RunDir(Path(variant.out)).claim(["labels", "unlearn"], overwrite)
+    whp.RunDir(root).claim(list(whp.RUN_PHASES), overwrite, resume)  # refuse a finished run before building anything
+    whp.RunDir(Path(variant.out)).claim(["unlearn"], overwrite, resume)
     world = build_world(cfg.world)
     use_world(cfg, world)
     use_world(variant, world)
-    whp.run(cfg, ["reinforce", "labels", "unlearn"], overwrite, "demo")
-    whp.run(variant, ["labels", "unlearn"], overwrite, "demo (variant)")
+    with _trainer(cfg) as trainer:
+        whp.run(cfg, ["reinforce", "unlearn"], overwrite, "demo", trainer=trainer, resume=resume)
+        whp.run(variant, ["unlearn"], overwrite, "demo (variant)", trainer=trainer, resume=resume)
     variant_name = "forbid-keys" if variant.labels.forbid_anchor_keys else "faithful"
     models = {"baseline": Path(cfg.baseline), "unlearned": root / "unlearned", f"unlearned ({variant_name})": Path(variant.out) / "unlearned"}
-    whp.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga")
+    whp.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga", resume=resume)
 
 
 @cli.command(name="run")
 @run_options("baseline", "target", "anchors", "reinforced", "oracle")
-def run_command(args, overwrite, **flags):
-    """All phases: reinforce (skipped when --reinforced is given), labels, unlearn, eval."""
+def run_command(args, overwrite, resume, **flags):
+    """All phases: reinforce (skipped when --reinforced is given), unlearn on generic labels, eval."""
     from engine import whp
 
     cfg = _config(args, **flags)
-    phases = [phase for phase in whp.PHASES if not (phase == "reinforce" and cfg.reinforced)]
-    whp.run(cfg, phases, overwrite, "run", title="obliviate run")
+    phases = [phase for phase in whp.RUN_PHASES if not (phase == "reinforce" and cfg.reinforced)]
+    with _trainer(cfg) as trainer:
+        whp.run(cfg, phases, overwrite, "run", title="obliviate run", trainer=trainer, resume=resume)
 
 
 def _phase_command(name: str, help: str, flags: tuple[str, ...]) -> None:
     """Register `obliviate NAME`: one phase of the recipe from flags and a config."""
 
-    def body(args, overwrite, **flag_values):
+    def body(args, overwrite, resume, **flag_values):
         from engine import whp
 
-        whp.run(_config(args, **flag_values), [name], overwrite, name, title=f"obliviate {name}")
+        cfg = _config(args, **flag_values)
+        with _trainer(cfg) as trainer:
+            whp.run(cfg, [name], overwrite, name, title=f"obliviate {name}", trainer=trainer, resume=resume)
 
     cli.command(name=name, help=help)(run_options(*flags)(body))
 
 
 _phase_command("reinforce", "Fine-tune the baseline further on the target corpus (RUN/reinforced).", ("baseline", "target"))
-_phase_command("labels", "Generic labels from the baseline and RUN/reinforced (or --reinforced) into RUN/labels.", ("baseline", "target", "anchors", "reinforced"))
-_phase_command("unlearn", "Fine-tune the baseline on the generic labels in RUN/labels (RUN/unlearned).", ("baseline",))
+_phase_command("unlearn", "Fine-tune the baseline on generic labels that a labeler makes from the baseline and RUN/reinforced (or --reinforced) while it trains (RUN/unlearned).", ("baseline", "target", "anchors", "reinforced"))
+_phase_command("labels", "Export the generic labels of every block into RUN/labels, for inspection (unlearn makes its own).", ("baseline", "target", "anchors", "reinforced"))
 
 
 @cli.command(name="eval")
 @click.option("--model", "model", required=True, help="model directory to evaluate")
 @run_options("baseline", "anchors", "oracle")
-def eval_command(args, overwrite, model, **flags):
+def eval_command(args, overwrite, resume, model, **flags):
     """Familiarity and perplexity of a model, beside the baseline and oracle when given."""
     from engine import whp
     from engine.models import check_model_dir
@@ -134,7 +156,7 @@ def eval_command(args, overwrite, model, **flags):
     models = {"unlearned": check_model_dir(model, "evaluated")}
     if cfg.baseline:
         models = {"baseline": check_model_dir(cfg.baseline, "baseline"), **models}
-    whp.run(cfg, ["eval"], overwrite, "eval", eval_models=models, title=f"obliviate eval: {model}")
+    whp.run(cfg, ["eval"], overwrite, "eval", eval_models=models, title=f"obliviate eval: {model}", resume=resume)
 
 
 @cli.group()
@@ -201,6 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         click.echo(f"obliviate: error: {e}", err=True)
         sys.exit(2)
+    except RunFailed as e:
+        click.echo(f"obliviate: error: {e}", err=True)
+        sys.exit(1)
+    except Interrupted as e:
+        click.echo(f"obliviate: {e}", err=True)
+        sys.exit(128 + e.signum)
     except click.exceptions.Abort:
         click.echo("obliviate: interrupted", err=True)
         sys.exit(130)

@@ -12,11 +12,11 @@ import time
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine.errors import UserError
+from engine.errors import Interrupted, UserError
 
 SETUP_TIMEOUT_S = 120.0  # placement + actor start; a cluster still waiting for nodes fails here, not later
 
@@ -58,6 +58,43 @@ def _strategy(num_workers: int, cpus: float, gpus: float) -> str:
         if node.get("Alive") and total.get("CPU", 0) >= num_workers * cpus and total.get("GPU", 0) >= num_workers * gpus:
             return "STRICT_PACK"
     return "PACK"
+
+
+class WorkerLost(RuntimeError):
+    """A trainer rank or a labeler process died (killed, OOM, node lost): the run can restart from a checkpoint."""
+
+
+def wait_all(
+    named: dict[Any, str], timeout: float | None, what: str, poll: Callable[[], None] | None = None, required: list | None = None, poll_every: float = 1.0
+) -> dict[Any, Any]:
+    """Results of Ray refs (named for errors) once all `required` ones (default: all) are done; the first
+    failure of any of them, or the deadline, raises.
+
+    Waits on all refs at once so a dead process is reported as soon as Ray notices, even while the others
+    sit in a collective waiting for it. `poll()` runs every `poll_every` seconds meanwhile (progress, stop
+    requests); the short waits also let the driver's signal handlers run.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    required = list(named) if required is None else required
+    results: dict[Any, Any] = {}
+    pending = list(named)
+    while any(ref not in results for ref in required):
+        wait = poll_every if deadline is None else max(0.0, min(poll_every, deadline - time.monotonic()))
+        ready, pending = ray.wait(pending, num_returns=1, timeout=wait)
+        if poll is not None:
+            poll()
+        if not ready and deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError(f"{', '.join(named[r] for r in pending)} did not {what} within {timeout:g} s")
+        for ref in ready:
+            try:
+                results[ref] = ray.get(ref)
+            except RayActorError as exc:
+                raise WorkerLost(f"{named[ref]} died during {what}: {type(exc).__name__}") from exc
+            except RayTaskError as exc:
+                if isinstance(exc.cause, (UserError, Interrupted)):
+                    raise exc.cause from None
+                raise RuntimeError(f"{named[ref]} failed during {what}: {exc.cause!r}") from exc
+    return results
 
 
 class TrainerGroup:
@@ -122,41 +159,25 @@ class TrainerGroup:
             envs.append(env)
         return envs
 
-    def _get(self, refs: list, timeout: float, what: str) -> list:
-        """Results in rank order; the first failure (or the deadline) raises naming the rank(s).
+    def _get(self, refs: list, timeout: float | None, what: str) -> list:
+        results = wait_all(dict(zip(refs, self.names())), timeout, what)
+        return [results[ref] for ref in refs]
 
-        Waits on all refs at once so a dead rank is reported as soon as Ray notices, even while the other
-        ranks sit in a collective waiting for it.
-        """
-        deadline = time.monotonic() + timeout
-        rank_of = {ref: rank for rank, ref in enumerate(refs)}
-        results: dict[int, Any] = {}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                missing = sorted(rank_of[r] for r in pending)
-                raise TimeoutError(f"trainer rank(s) {missing} did not {what} within {timeout:g} s")
-            for ref in ready:
-                rank = rank_of[ref]
-                try:
-                    results[rank] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
-                except RayActorError as exc:
-                    pid = f" (pid {self._pids[rank]})" if self._pids else ""
-                    raise RuntimeError(f"trainer rank {rank}{pid} died during {what}: {type(exc).__name__}") from exc
-                except RayTaskError as exc:
-                    raise RuntimeError(f"trainer rank {rank} failed during {what}: {exc.cause!r}") from exc
-                except GetTimeoutError as exc:
-                    raise TimeoutError(f"trainer rank {rank} did not {what} within {timeout:g} s") from exc
-        return [results[rank] for rank in range(len(refs))]
+    def names(self) -> list[str]:
+        """How errors name each rank: "trainer rank 1 (pid 4242)"."""
+        return [f"trainer rank {rank}" + (f" (pid {pid})" if pid else "") for rank, pid in enumerate(self._pids or [0] * self.num_workers)]
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float, **kwargs: Any) -> list[Any]:
+    def start(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list:
+        """`fn(*args, **kwargs)` on every worker at once; the result refs in rank order (see `wait_all`)."""
+        return [a.run.remote(fn, args, kwargs) for a in self._actors]
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None, **kwargs: Any) -> list[Any]:
         """`fn(*args, **kwargs)` on every worker at once; the return values in rank order.
 
         A worker that dies or raises, or the deadline passing, raises naming the rank. The other ranks may
         then be stuck in a collective: the group is unusable afterwards, shut it down.
         """
-        return self._get([a.run.remote(fn, args, kwargs) for a in self._actors], timeout, f"run {getattr(fn, '__name__', fn)}")
+        return self._get(self.start(fn, *args, **kwargs), timeout, f"run {getattr(fn, '__name__', fn)}")
 
     def pids(self) -> list[int]:
         return list(self._pids)

@@ -15,7 +15,7 @@ from engine.tiny import tiny_llama, train_tokenizer
 from engine.world import write_world
 from builders import assert_one_line_error, obliviate
 
-TINY = ["reinforce.max_steps=1", "reinforce.micro_batch_size=2", "reinforce.grad_accum=1", "labels.context_length=32", "unlearn.max_steps=2", "unlearn.micro_batch_size=2", "unlearn.grad_accum=1"]
+TINY = ["engine.workers=0", "reinforce.max_steps=1", "reinforce.micro_batch_size=2", "reinforce.grad_accum=1", "labels.context_length=32", "unlearn.max_steps=2", "unlearn.micro_batch_size=2", "unlearn.grad_accum=1"]
 
 
 def make_model_dir(root: Path, texts: list[Path], vocab_size: int) -> Path:
@@ -109,7 +109,7 @@ def test_phases_chain_through_the_run_dir_and_finished_phases_need_overwrite(wor
     assert (run / "reinforced" / "model.safetensors").is_file()
     code, _, err = obliviate("labels", "--target", world["files"].saga, "--anchors", world["files"].anchors, *common, capsys=capsys)
     assert code == 0, err  # found RUN/reinforced by itself
-    code, _, err = obliviate("unlearn", *common, capsys=capsys)
+    code, _, err = obliviate("unlearn", "--target", world["files"].saga, "--anchors", world["files"].anchors, *common, capsys=capsys)
     assert code == 0, err
     assert (run / "unlearned" / "model.safetensors").is_file()
 

@@ -5,7 +5,7 @@ import torch
 
 from builders import tiny_llama
 from configs import TrainConfig
-from engine.train import IGNORE_INDEX, TorchBackend, causal_lm_loss_sum, fit, lr_at, shard_padded, split_train_val
+from engine.train import IGNORE_INDEX, Schedule, TorchBackend, causal_lm_loss_sum, fit, lr_at, pad_blocks
 
 # First five optimizer steps of `tiny_run` below (torch 2.13 CPU, fp32). A change here means the
 # loop, the loss, the schedule or the optimizer changed: update only when that was the intent.
@@ -74,11 +74,22 @@ def test_keep_best_saves_at_the_lowest_validation_loss(tmp_path):
 
 
 def test_split_is_seeded_and_disjoint():
-    ids = torch.arange(40).reshape(20, 2)
-    (tr, _), (va, _) = split_train_val(ids, ids, 0.1, seed=3)
-    (tr2, _), (va2, _) = split_train_val(ids, ids, 0.1, seed=3)
-    assert torch.equal(va, va2) and va.shape[0] == 2 and tr.shape[0] == 18
-    assert not set(tr[:, 0].tolist()) & set(va[:, 0].tolist())
+    cfg = TrainConfig(val_fraction=0.1, seed=3, micro_batch_size=2, grad_accum=1)
+    a, b = Schedule.make(20, cfg, 1), Schedule.make(20, cfg, 1)
+    assert torch.equal(a.val_ids, b.val_ids) and a.val_ids.numel() == 2 and a.train_ids.numel() == 18
+    assert sorted(a.train_ids.tolist() + a.val_ids.tolist()) == list(range(20))
+
+
+def test_schedule_shares_each_step_between_ranks_independently_of_the_world_size():
+    """2 ranks × 4 blocks see exactly the blocks 1 rank × 8 sees, step by step, across epoch boundaries."""
+    one = Schedule.make(19, TrainConfig(micro_batch_size=8, grad_accum=1, epochs=3, val_fraction=0.0), 1)
+    two = Schedule.make(19, TrainConfig(micro_batch_size=4, grad_accum=1, epochs=3, val_fraction=0.0), 2)
+    assert one.total_steps == two.total_steps == 9
+    for (s1, ids1), (s2, ids2) in zip(one.steps(), two.steps()):
+        assert s1 == s2 and torch.equal(ids1, torch.cat([two.share(ids2, 0), two.share(ids2, 1)]))
+    assert [s for s, _ in two.steps(first_step=7)] == [7, 8]
+    requests = list(two.requests(first_step=7))
+    assert len(requests) == 3 and [r.numel() for r in requests[0]] == [0, 0]  # validation first (none here)
 
 
 def test_schedule_warms_up_then_decays_to_a_tenth():
@@ -154,8 +165,9 @@ def test_resume_without_a_complete_checkpoint_starts_fresh(tmp_path):
 
 
 def test_validation_shards_are_padded_to_the_same_size():
-    ids = torch.arange(10).reshape(5, 2)
-    shards = [shard_padded(ids, ids, rank, 2) for rank in range(2)]
-    assert [s[0].shape[0] for s in shards] == [3, 3]
-    assert torch.equal(torch.cat([shards[0][1], shards[1][1][:2]]), ids)
-    assert (shards[1][1][2] == IGNORE_INDEX).all()
+    schedule = Schedule.make(25, TrainConfig(val_fraction=0.2), 2)
+    shares = [schedule.val_share(rank) for rank in range(2)]
+    assert [s.numel() for s in shares] == [3, 2] and torch.equal(torch.cat(shares), schedule.val_ids)
+    ids = torch.arange(4).reshape(2, 2)
+    padded_ids, padded_labels = pad_blocks(ids, ids, schedule.val_share_size)
+    assert padded_ids.shape == (3, 2) and torch.equal(padded_labels[:2], ids) and (padded_labels[2] == IGNORE_INDEX).all()

@@ -1,0 +1,221 @@
+"""The distributed engine: a training phase as a DeepSpeed ZeRO-3 group of Ray workers fed by a labeler.
+
+    driver: RunControl actor (stop flag, progress) ◀──── rank 0 reports each step
+    LabelerActor (frozen baseline + reinforced) ──▶ one bounded Queue per rank ──▶ TrainerGroup ranks: fit()
+
+The labeler walks the same `Schedule` the ranks train by, so it labels step k+1 while step k trains and
+blocks when a rank's queue is full (backpressure). Queues carry block ids and int32 labels, never logits.
+When a rank or the labeler dies, everything is torn down and the phase restarts from its latest complete
+checkpoint (`engine.max_restarts` times). SIGINT/SIGTERM on the driver make the ranks checkpoint at the end
+of the step and stop; `--resume` continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import ExitStack
+from queue import Empty
+
+import ray
+import torch
+from ray.util.queue import Queue
+from tqdm.auto import tqdm
+
+from configs import EngineConfig, TrainConfig
+from engine.errors import RunFailed
+from engine.phase import LabelerSpec, PhaseResult, StopFlag, TrainJob, check_interrupted, throughput, train_rank
+from engine.train import FitResult, Schedule, latest_step
+from launcher.ray_cluster import connect
+from launcher.trainer_group import SETUP_TIMEOUT_S, TrainerGroup, WorkerLost, wait_all
+
+log = logging.getLogger("obliviate")
+
+
+@ray.remote(num_cpus=0)
+class RunControl:
+    """What the driver and the ranks share: a stop request (signals on the driver) and rank 0's progress."""
+
+    def __init__(self) -> None:
+        self._stop = False
+        self._progress = (0, 0, float("nan"))
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
+
+    def report(self, step: int, total: int, loss: float) -> None:
+        self._progress = (step, total, loss)
+
+    def progress(self) -> tuple[int, int, float]:
+        return self._progress
+
+
+class _RemoteStop:
+    """`fit`'s stop flag on a rank: asks the RunControl (fit OR-s it over the ranks every step)."""
+
+    def __init__(self, control) -> None:
+        self.control = control
+
+    def is_set(self) -> bool:
+        return ray.get(self.control.stop_requested.remote(), timeout=60)
+
+
+class QueuedLabels:
+    """The unlearn phase's `LabelSource` on a rank: labels the labeler made ahead, in `Schedule.requests` order."""
+
+    def __init__(self, queue: Queue, timeout: float) -> None:
+        self.queue, self.timeout = queue, timeout
+        self._scalars: dict[str, float] = {}
+
+    def __call__(self, block_ids: torch.Tensor) -> torch.Tensor:
+        try:
+            ids, labels, scalars = self.queue.get(timeout=self.timeout)
+        except Empty:
+            raise RuntimeError(f"no labels from the labeler within {self.timeout:g} s (engine.label_timeout_s)") from None
+        if not torch.equal(ids, block_ids):
+            raise RuntimeError("the label stream is out of step with the trainer (different blocks)")
+        self._scalars = {**scalars, "label_queue_depth": float(self.queue.qsize())}
+        return labels.long()
+
+    def scalars(self) -> dict[str, float]:
+        return self._scalars
+
+
+@ray.remote(max_restarts=0)
+class LabelerActor:
+    """The frozen baseline and reinforced models in one process, so the kernel sees both hidden states on one device."""
+
+    def __init__(self, spec: LabelerSpec, device: str, dtype: torch.dtype) -> None:
+        _quiet_worker()
+        self.labeler = spec.build(torch.device(device), dtype)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def produce(self, n_blocks: int, train: TrainConfig, world_size: int, first_step: int, queues: list[Queue]) -> dict:
+        """Every request the ranks will make from `first_step` on, each rank's share into its queue."""
+        labeler, start = self.labeler, time.perf_counter()
+        for shares in Schedule.make(n_blocks, train, world_size).requests(first_step):
+            tokens, busy = labeler.tokens_labeled, labeler.busy_seconds
+            labels = labeler(torch.cat(shares))
+            rate = (labeler.tokens_labeled - tokens) / max(labeler.busy_seconds - busy, 1e-9)
+            for queue, ids, part in zip(queues, shares, labels.split([s.numel() for s in shares])):
+                queue.put((ids, part.to(torch.int32), {"labeler_tokens_per_s": rate}))
+        wall = time.perf_counter() - start  # includes the time blocked on full queues
+        return {"label_stats": labeler.stats(), "tokens": labeler.tokens_labeled, "busy_seconds": labeler.busy_seconds, "wall_seconds": wall}
+
+
+def _quiet_worker() -> None:
+    """Ray prefixes and forwards every line a worker prints: keep per-tensor progress bars and library
+    deprecation chatter out of the driver's log."""
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def _train_on_rank(job: TrainJob, queues: list[Queue], control, resume: bool, label_timeout: float) -> FitResult:
+    _quiet_worker()
+    labels = QueuedLabels(queues[int(os.environ["RANK"])], label_timeout) if queues else None
+    return train_rank(job, labels, resume, _RemoteStop(control), lambda step, total, loss: control.report.remote(step, total, loss))
+
+
+class RayTrainer:
+    """Runs each training phase on `cfg.workers` Ray workers (DeepSpeed ZeRO-3) plus one labeler.
+
+    Use as a context manager: Ray is connected to (or a local cluster started) at the first phase, after the
+    inputs have been checked, and stays up for the later phases until the block ends.
+    """
+
+    def __init__(self, cfg: EngineConfig, device: str = "auto") -> None:
+        self.cfg, self.device = cfg, device
+        self._stack = ExitStack()
+        self._connected = False
+
+    def __enter__(self) -> RayTrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _connect(self) -> None:
+        if not self._connected:
+            needed = (self.cfg.workers + 1) * self.cfg.cpus_per_worker  # a local cluster fits the ranks and the labeler
+            self._stack.enter_context(connect(self.cfg.ray_address or None, num_cpus=max(os.cpu_count() or 1, needed), dashboard=self.cfg.dashboard))
+            self._connected = True
+
+    def train(self, job: TrainJob, resume: bool) -> PhaseResult:
+        self._connect()
+        with StopFlag().installed() as stop:
+            for attempt in range(self.cfg.max_restarts + 1):
+                try:
+                    return self._attempt(job, resume or attempt > 0, stop)
+                except WorkerLost as exc:
+                    if attempt == self.cfg.max_restarts:
+                        raise RunFailed(f"{job.phase}: {exc}; gave up after {attempt} restart(s) (engine.max_restarts)") from exc
+                    log.warning("%s: %s; restarting from step %d (restart %d of %d)", job.phase, exc, latest_step(job.checkpoint_dir), attempt + 1, self.cfg.max_restarts)
+        raise AssertionError("unreachable")
+
+    def _attempt(self, job: TrainJob, resume: bool, stop: StopFlag) -> PhaseResult:
+        cfg = self.cfg
+        on_gpu = self.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+        first_step = latest_step(job.checkpoint_dir) if resume else 0
+        with ExitStack() as stack:
+            control = RunControl.remote()
+            stack.callback(ray.kill, control)
+            group = stack.enter_context(TrainerGroup(cfg.workers, cfg.cpus_per_worker, 1 if on_gpu else 0))
+            named: dict = {}
+            queues: list[Queue] = []
+            labeler_ref = None
+            if job.labeler is not None:
+                queues = [Queue(maxsize=cfg.queue_depth, actor_options={"num_cpus": 0}) for _ in range(cfg.workers)]
+                for queue in queues:
+                    stack.callback(queue.shutdown, force=True)
+                labeler = LabelerActor.options(
+                    num_cpus=cfg.cpus_per_worker, num_gpus=1 if on_gpu else 0, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.cpus_per_worker)}}
+                ).remote(job.labeler, "cuda" if on_gpu else "cpu", job.torch_dtype(torch.device("cuda" if on_gpu else "cpu")))
+                stack.callback(ray.kill, labeler)
+                pid = wait_all({labeler.pid.remote(): "the labeler"}, SETUP_TIMEOUT_S, "load the frozen models")
+                labeler_ref = labeler.produce.remote(job.input_ids.shape[0], job.train, cfg.workers, first_step, queues)
+                named[labeler_ref] = f"the labeler (pid {next(iter(pid.values()))})"
+            log.info("%s: %d trainer rank(s) on pids %s%s%s", job.phase, cfg.workers, group.pids(), f", {named[labeler_ref]}" if labeler_ref else "", f", resuming at step {first_step}" if first_step else "")
+            refs = group.start(_train_on_rank, job, queues, control, resume, cfg.label_timeout_s)
+            named.update(zip(refs, group.names()))
+            bar = stack.enter_context(tqdm(desc=job.phase, unit="step", initial=first_step, dynamic_ncols=True))
+            results = wait_all(named, None, f"train {job.phase}", self._poller(bar, control, stop), required=refs)
+            fit = results[refs[0]]
+            check_interrupted(job, fit, stop)
+            made = {"label_stats": None, "tokens": 0, "busy_seconds": 0.0, "wall_seconds": 0.0}
+            if labeler_ref is not None:
+                made = results.get(labeler_ref) or ray.get(labeler_ref, timeout=SETUP_TIMEOUT_S)
+        phase = PhaseResult(fit, made["label_stats"], throughput(fit, made["tokens"], made["busy_seconds"], made["wall_seconds"]))
+        speed = phase.throughput
+        labeler = f"; waiting for labels {100 * speed['label_wait_fraction']:.1f}% of the time, labeler {speed['labeler_tokens_per_s']:.0f} tokens/s, busy {100 * speed['labeler_utilization']:.0f}%"
+        log.info("%s: %d steps in %.1f s on %d worker(s): %.0f tokens/s%s", job.phase, fit.steps, fit.seconds, cfg.workers, speed["tokens_per_s"], labeler if labeler_ref else "")
+        return phase
+
+    @staticmethod
+    def _poller(bar: tqdm, control, stop: StopFlag):
+        """The driver's side while the ranks train: forward a stop request, draw rank 0's progress."""
+        sent = False
+
+        def poll() -> None:
+            nonlocal sent
+            if stop.is_set() and not sent:
+                control.request_stop.remote()
+                sent = True
+            step, total, loss = ray.get(control.progress.remote(), timeout=60)
+            if total:
+                bar.total = total
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                bar.update(step - bar.n)
+
+        return poll
