@@ -34,7 +34,6 @@ from kernels.mixing import interpreter_requested
 
 log = logging.getLogger("obliviate")
 
-PHASES = ("reinforce", "labels", "unlearn", "eval")
 RUN_PHASES = ("reinforce", "unlearn", "eval")  # labels is an export, not a step of the recipe
 TRAINING_SUMMARY = "obliviate_training.json"  # beside the unlearned weights: how they were made
 
@@ -78,6 +77,7 @@ class RunDir:
         handler = logging.FileHandler(self.root / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
+        log.setLevel(logging.INFO)  # the run log keeps the phase record whatever the console shows
         log.info("obliviate %s → %s", command, self.root)
         try:
             yield self
@@ -229,6 +229,7 @@ def unlearn(cfg: RunConfig, run: RunDir, inputs: Inputs, reinforced_dir: Path, t
         "forbid_anchor_keys": cfg.labels.forbid_anchor_keys,
         "best_step": result.best_step,
         "steps": result.steps,
+        "train_seconds": result.seconds,
         "best_val_loss": result.best_val_loss,
         "label_stats": phase.label_stats,
         "workers": cfg.engine.workers,

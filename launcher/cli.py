@@ -192,6 +192,38 @@ def anchors_suggest(baseline, reinforced, target, general, out, top_k, overwrite
     click.echo(f"wrote {len(suggestions)} suggested anchors to {out}: review them before use")
 
 
+@cli.command(name="bench-train")
+@click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [KEY=VALUE]...")
+@click.option("--workers", "worker_counts", default="1,2", show_default=True, help="comma-separated worker counts to compare (0: in process)")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="optimizer steps per run")
+@click.option("--out", default="runs/bench-train", show_default=True, help="directory for the runs and bench.csv")
+@click.option("--baseline", default="", help="model to train (default: the config's tiny world)")
+@click.option("--target", default="", help="target corpus (default: the tiny world's saga)")
+@click.option("--anchors", default="", help="anchor dictionary (default: the tiny world's)")
+@click.option("--reinforced", default="", help="reinforced model (default: the baseline itself; labeling costs the same)")
+def bench_train(args, worker_counts, steps, out, **flags):
+    """Unlearn-phase throughput per worker count: tokens/s, label-wait fraction, labeler use, MFU on GPU."""
+    from engine.tiny import build_world, use_world
+    from launcher.bench import bench_train as run_bench
+    from launcher.bench import format_rows, write_csv
+
+    try:
+        counts = [int(n) for n in worker_counts.split(",")]
+    except ValueError:
+        raise UserError(f"--workers {worker_counts!r}: give comma-separated integers like 1,2") from None
+    if not counts or min(counts) < 0:
+        raise UserError(f"--workers {worker_counts!r}: worker counts must be >= 0")
+    cfg = _config(args, CONFIG_DIR / "demo.yaml", out=out, **flags)
+    cfg.unlearn.max_steps, cfg.unlearn.val_fraction, cfg.unlearn.epochs = steps, 0.0, 1e6
+    if not cfg.baseline:
+        use_world(cfg, build_world(cfg.world))
+    cfg.reinforced = cfg.reinforced or cfg.baseline
+    rows = run_bench(cfg, counts, Path(out), _trainer)
+    click.echo(format_rows(rows))
+    write_csv(rows, Path(out) / "bench.csv")
+    click.echo(f"\nwrote {Path(out) / 'bench.csv'}")
+
+
 @cli.command(name="profile-kernel", add_help_option=False, context_settings={"ignore_unknown_options": True})
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def profile_kernel(argv):

@@ -1,6 +1,7 @@
 """`obliviate demo` end to end with its default config: the method must actually unlearn.
 
-This is the issue's acceptance bar, checked on every run of the suite (≈ 2–3 minutes on 2 cores):
+This is the issue's acceptance bar, checked on every run of the suite (≈ 2–3 minutes on 2 cores), through
+the distributed engine (2 Ray workers with DeepSpeed ZeRO-3 and a labeler, as `make demo` runs it):
 probability familiarity drops ≥ 90% from the baseline, completion familiarity drops, and general
 perplexity rises ≤ 10%.
 """
@@ -30,8 +31,12 @@ def test_demo_unlearns_the_saga_and_keeps_general_text(tmp_path, capsys):
     assert unlearned["completion_familiarity"] < baseline["completion_familiarity"]
     assert unlearned["perplexity"] <= 1.10 * baseline["perplexity"]
 
-    for name in ("config.yaml", "run.log", "report.md", "report.png", "unlearned/model.safetensors", "reinforced/model.safetensors", "labels"):
+    for name in ("config.yaml", "run.log", "report.md", "report.png", "unlearned/model.safetensors", "reinforced/model.safetensors"):
         assert (out / name).exists(), name
+    assert not (out / "labels").exists() and not (out / "checkpoints" / "unlearn").exists(), "labels streamed, checkpoints cleaned up"
+    training = metrics["extra"]["training"]["unlearned"]
+    assert training["workers"] == 2, "the demo trains on the distributed engine"
+    assert training["throughput"]["tokens_per_s"] > 0
     assert list((out / "tb").rglob("events.out.tfevents.*")), "tensorboard events"
 
     # A finished run is refused before anything is rebuilt or rewritten.

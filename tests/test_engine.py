@@ -1,0 +1,209 @@
+"""The distributed engine for real: a local Ray cluster, 2 trainer workers with DeepSpeed ZeRO-3 over gloo,
+1 labeler streaming generic labels through bounded queues, on a tiny model.
+
+- 2 workers × micro-batch b train like 1 in-process worker × 2b (the same losses and final weights), and
+  the checkpoints are DeepSpeed's per-rank ZeRO-3 shards;
+- a trainer rank and then the labeler killed mid-run (SIGKILL by PID): the phase restarts from the latest
+  checkpoint each time and ends with the weights of an uninterrupted run;
+- SIGTERM to the driver: checkpoint, exit 143; `--resume` finishes with the same weights.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from builders import obliviate
+from engine.world import write_world
+from launcher.ray_cluster import connect
+from test_cli import make_model_dir
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+STEPS = 8
+# Per rank: 2 workers × 2 blocks per step; the reference trains 1 × 4 in this process.
+ENGINE = ["engine.workers=2", "unlearn.micro_batch_size=2", "engine.checkpoint_every=2", "engine.keep_checkpoints=true"]
+REFERENCE = ["engine.workers=0", "unlearn.micro_batch_size=4"]
+COMMON = [f"unlearn.max_steps={STEPS}", "unlearn.grad_accum=1", "unlearn.lr=3e-3", "unlearn.warmup_steps=1", "unlearn.val_fraction=0.1", "unlearn.eval_every=4", "labels.context_length=32", "labels.batch_size=3"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    files = write_world(root / "world", size=0.05)
+    baseline = make_model_dir(root / "a", [files.general, files.saga], 500)
+    return {"files": files, "baseline": baseline, "args": ["--baseline", baseline, "--reinforced", baseline, "--target", files.saga, "--anchors", files.anchors]}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One loopback cluster for the in-process runs: 2 ranks + the labeler, 1 CPU each."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)
+        with connect(None, num_cpus=3):
+            yield
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """The uninterrupted run, in process: TorchBackend with micro-batch 2b, labels made inline."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    from launcher.cli import main
+
+    main(["unlearn", *map(str, world["args"]), "--out", str(out), *COMMON, *REFERENCE])
+    return out
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "unlearned" / "model.safetensors")
+
+
+def assert_same_weights(run: Path, reference: Path) -> None:
+    got, want = weights(run), weights(reference)
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=2e-5, msg=name)
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "unlearned" / "obliviate_training.json").read_text())
+
+
+def test_two_zero3_workers_and_a_labeler_train_like_one_process_with_twice_the_batch(world, cluster, reference, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = obliviate("unlearn", *world["args"], "--out", run, *COMMON, *ENGINE, capsys=capsys)
+    assert code == 0, err
+    got, want = summary(run), summary(reference)
+    assert got["workers"] == 2 and want["workers"] == 0
+    assert (got["best_step"], got["steps"]) == (want["best_step"], want["steps"]) == (STEPS, STEPS)
+    assert got["best_val_loss"] == pytest.approx(want["best_val_loss"], rel=1e-5)
+    assert got["label_stats"] == want["label_stats"], "the labeler made the same labels as the in-process one"
+    assert_same_weights(run, reference)
+    assert got["throughput"]["tokens_per_s"] > 0 and 0 <= got["throughput"]["label_wait_fraction"] < 1
+
+    # Loss goes down; the driver drew a progress bar and logged where each rank runs.
+    losses = scalars(run / "tb" / "unlearn", "unlearn/loss")
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+    for tag in ("unlearn/label_wait_s", "unlearn/label_queue_depth", "unlearn/labeler_tokens_per_s", "unlearn/tokens_per_s", "unlearn/grad_norm"):
+        assert scalars(run / "tb" / "unlearn", tag), tag
+    log = (run / "run.log").read_text()
+    assert re.search(r"unlearn: 2 trainer rank\(s\) on pids \[\d+, \d+\], the labeler \(pid \d+\)", log)
+    assert "| 8/8 [" in err  # the driver's progress bar, from rank 0's reports
+
+    # DeepSpeed's own per-rank ZeRO-3 checkpoint files, the last two kept, `latest` naming a complete one.
+    checkpoints = run / "checkpoints" / "unlearn"
+    assert (checkpoints / "latest").read_text() == f"step-{STEPS}"
+    shards = sorted(p.name for p in (checkpoints / f"step-{STEPS}" / "zero").iterdir())
+    assert "zero_pp_rank_0_mp_rank_00_model_states.pt" in shards and "zero_pp_rank_1_mp_rank_00_model_states.pt" in shards
+    assert sum("optim_states" in name for name in shards) == 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", f"step-{STEPS - 2}", f"step-{STEPS}"]
+
+    # The consolidated model is a plain transformers model.
+    model = AutoModelForCausalLM.from_pretrained(run / "unlearned")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    reference_model = AutoModelForCausalLM.from_pretrained(reference / "unlearned")
+    torch.testing.assert_close(model(ids).logits, reference_model(ids).logits, rtol=0, atol=1e-4)
+
+
+def scalars(directory: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def _pids(log: Path, attempt: int) -> tuple[list[int], int]:
+    """Trainer and labeler PIDs of the `attempt`-th start logged in run.log (0-based), waiting for it."""
+    pattern = re.compile(r"unlearn: 2 trainer rank\(s\) on pids \[(\d+), (\d+)\], the labeler \(pid (\d+)\)")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        found = pattern.findall(log.read_text()) if log.exists() else []
+        if len(found) > attempt:
+            a, b, labeler = found[attempt]
+            return [int(a), int(b)], int(labeler)
+        time.sleep(0.2)
+    raise TimeoutError("no trainer start logged")
+
+
+def _wait_for_checkpoint(checkpoints: Path, step: int) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        latest = checkpoints / "latest"
+        if latest.exists() and int(latest.read_text().removeprefix("step-")) >= step:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint at step {step}")
+
+
+def test_killed_trainer_and_labeler_restart_from_the_checkpoint_and_finish_like_an_uninterrupted_run(world, cluster, reference, tmp_path, capsys):
+    run = tmp_path / "run"
+    killed = []
+
+    def kill_twice():
+        trainers, _ = _pids(run / "run.log", 0)
+        _wait_for_checkpoint(run / "checkpoints" / "unlearn", 2)
+        os.kill(trainers[1], signal.SIGKILL)
+        killed.append("rank 1")
+        _, labeler = _pids(run / "run.log", 1)
+        _wait_for_checkpoint(run / "checkpoints" / "unlearn", 4)
+        os.kill(labeler, signal.SIGKILL)
+        killed.append("labeler")
+
+    killer = threading.Thread(target=kill_twice, daemon=True)
+    killer.start()
+    code, _, err = obliviate("unlearn", *world["args"], "--out", run, *COMMON, *ENGINE, "engine.max_restarts=2", capsys=capsys)
+    killer.join(timeout=10)
+    assert code == 0, err
+    assert killed == ["rank 1", "labeler"]
+    log = (run / "run.log").read_text()
+    assert re.search(r"trainer rank 1 \(pid \d+\) died during train unlearn: .*restarting from step [2-9]", log), log
+    assert re.search(r"the labeler \(pid \d+\) died during train unlearn: .*restarting from step [4-9]", log), log
+    assert_same_weights(run, reference)
+
+
+def test_workers_dying_more_often_than_allowed_is_a_one_line_failure(world, cluster, tmp_path, capsys):
+    run = tmp_path / "run"
+
+    def kill_first_rank():
+        trainers, _ = _pids(run / "run.log", 0)
+        os.kill(trainers[0], signal.SIGKILL)
+
+    threading.Thread(target=kill_first_rank, daemon=True).start()
+    code, _, err = obliviate("unlearn", *world["args"], "--out", run, *COMMON, *ENGINE, "engine.max_restarts=0", capsys=capsys)
+    assert code == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("obliviate: error:")]
+    assert len(errors) == 1 and "trainer rank 0" in errors[0] and "gave up after 0 restart(s)" in errors[0], err
+    assert not (run / "unlearned").exists()
+
+
+def test_sigterm_checkpoints_and_resume_finishes_like_an_uninterrupted_run(world, reference, tmp_path):
+    """The driver in its own process with its own local cluster, as a user (or SLURM preemption) runs it."""
+    run = tmp_path / "run"
+    exe = Path(sys.executable).parent / "obliviate"
+    argv = [str(exe), "unlearn", *map(str, world["args"]), "--out", str(run), *COMMON, *ENGINE]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _pids(run / "run.log", 0)
+    _wait_for_checkpoint(run / "checkpoints" / "unlearn", 2)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=300)
+    assert driver.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM at step" in err and "--resume" in err
+    assert not (run / "unlearned").exists()
+    stopped_at = int((run / "checkpoints" / "unlearn" / "latest").read_text().removeprefix("step-"))
+    assert 2 <= stopped_at < STEPS
+
+    resumed = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {stopped_at}" in (run / "run.log").read_text()
+    assert_same_weights(run, reference)
