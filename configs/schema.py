@@ -122,7 +122,8 @@ class EngineConfig:
 
     workers: int = 1  # trainer ranks; one GPU each when the cluster has GPUs. 0: no Ray/DeepSpeed, train in-process
     ray_address: str = ""  # "" → $RAY_ADDRESS, else a local cluster started for the run (loopback only)
-    cpus_per_worker: int = 1  # CPU threads of each trainer rank (and of the labeler on CPU)
+    labelers: int = 1  # labeler actors (one GPU each on GPU), each owning a share of the blocks
+    cpus_per_worker: int = 1  # CPU threads of each trainer rank (and of each labeler on CPU)
     queue_depth: int = 2  # steps of labels buffered per rank between labeler and trainer
     checkpoint_every: int = 100  # optimizer steps between checkpoints (also written on SIGINT/SIGTERM)
     keep_checkpoints: bool = False  # keep RUN/checkpoints/PHASE after the phase has published its model
@@ -135,7 +136,7 @@ class EngineConfig:
         for key in ("workers", "checkpoint_every", "max_restarts"):
             if getattr(self, key) < 0:
                 raise UserError(f"engine.{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("cpus_per_worker", "queue_depth", "label_timeout_s"):
+        for key in ("labelers", "cpus_per_worker", "queue_depth", "label_timeout_s"):
             _positive(f"engine.{key}", getattr(self, key))
 
 

@@ -431,12 +431,34 @@ class GenericLabeler:
 
 
 def _stats(input_ids: torch.Tensor, labels: torch.Tensor, alphas: list[float], counts: dict) -> dict:
-    labeled = labels != IGNORE_INDEX
-    changed = labeled & (labels != input_ids.unsqueeze(-1))  # HF convention: column i labels token i
-    fractions = changed.sum(dim=(0, 1)) / labeled.sum(dim=(0, 1)).clamp(min=1)
-    return {
+    labeled = labels[..., 0] != IGNORE_INDEX  # the same positions for every α
+    changed = (labels != IGNORE_INDEX) & (labels != input_ids.unsqueeze(-1))  # HF convention: column i labels token i
+    stats = {
         "blocks": input_ids.shape[0],
         "tokens": input_ids.numel(),
         **counts,
-        "changed_fraction": {f"{alpha:g}": round(float(f), 6) for alpha, f in zip(alphas, fractions)},
+        "labeled_positions": int(labeled.sum()),
+        "changed_positions": {f"{alpha:g}": int(n) for alpha, n in zip(alphas, changed.sum(dim=(0, 1)))},
     }
+    return _with_fractions(stats)
+
+
+def _with_fractions(stats: dict) -> dict:
+    labeled = max(stats["labeled_positions"], 1)
+    return {**stats, "changed_fraction": {alpha: round(n / labeled, 6) for alpha, n in stats["changed_positions"].items()}}
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """The statistics of several labelers' disjoint blocks as if one labeler had made them all."""
+    merged: dict = {}
+    for part in parts:
+        for key, value in part.items():
+            if key == "changed_fraction":
+                continue
+            if key == "changed_positions":
+                merged[key] = {alpha: merged.get(key, {}).get(alpha, 0) + n for alpha, n in value.items()}
+            elif key == "max_translated_length":
+                merged[key] = max(merged.get(key, 0), value)
+            else:
+                merged[key] = merged.get(key, 0) + value
+    return _with_fractions(merged)

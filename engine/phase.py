@@ -117,15 +117,15 @@ def check_interrupted(job: TrainJob, result: FitResult, stop: StopFlag) -> None:
         raise Interrupted(f"{job.phase} stopped by {name} at step {result.steps}; checkpoint in {job.checkpoint_dir}: rerun the same command with --resume", stop.signum or signal.SIGTERM)
 
 
-def throughput(result: FitResult, labeler_tokens: int = 0, labeler_busy: float = 0.0, labeler_wall: float = 0.0) -> dict[str, float]:
-    """Trained tokens/s and the share of training time spent waiting for labels; the labeler's tokens/s
-    while computing and its utilization (computing vs. waiting on full queues, over its `labeler_wall`)."""
+def throughput(result: FitResult, labeler_tokens_per_s: float = 0.0, labeler_utilization: float = 0.0) -> dict[str, float]:
+    """Trained tokens/s and the share of training time spent waiting for labels, beside the labelers' tokens/s
+    while computing (summed over labelers) and their utilization (computing vs. blocked on full queues)."""
     seconds = max(result.seconds, 1e-9)
     return {
         "tokens_per_s": result.tokens / seconds,
         "label_wait_fraction": result.label_wait_seconds / seconds,
-        "labeler_tokens_per_s": labeler_tokens / labeler_busy if labeler_busy else 0.0,
-        "labeler_utilization": labeler_busy / labeler_wall if labeler_wall else 0.0,
+        "labeler_tokens_per_s": labeler_tokens_per_s,
+        "labeler_utilization": labeler_utilization,
     }
 
 
@@ -154,7 +154,8 @@ def train_local(job: TrainJob, resume: bool, stop: StopFlag) -> PhaseResult:
     check_interrupted(job, result, stop)
     if labeler is None:
         return PhaseResult(result, None, throughput(result))
-    return PhaseResult(result, labeler.stats(), throughput(result, labeler.tokens_labeled, labeler.busy_seconds, result.seconds))
+    rate = labeler.tokens_labeled / labeler.busy_seconds if labeler.busy_seconds else 0.0
+    return PhaseResult(result, labeler.stats(), throughput(result, rate, labeler.busy_seconds / max(result.seconds, 1e-9)))
 
 
 def train_rank(job: TrainJob, labels: LabelSource | None, resume: bool, stop, progress: Callable[[int, int, float], None] | None) -> FitResult:

@@ -1,13 +1,15 @@
 """The distributed engine: a training phase as a DeepSpeed ZeRO-3 group of Ray workers fed by a labeler.
 
     driver: RunControl actor (stop flag, progress) ◀──── rank 0 reports each step
-    LabelerActor (frozen baseline + reinforced) ──▶ one bounded Queue per rank ──▶ TrainerGroup ranks: fit()
+    LabelerActor × L (frozen baseline + reinforced) ──▶ a bounded Queue per (rank, labeler) ──▶ TrainerGroup ranks: fit()
 
-The labeler walks the same `Schedule` the ranks train by, so it labels step k+1 while step k trains and
-blocks when a rank's queue is full (backpressure). Queues carry block ids and int32 labels, never logits.
-When a rank or the labeler dies, everything is torn down and the phase restarts from its latest complete
-checkpoint (`engine.max_restarts` times). SIGINT/SIGTERM on the driver make the ranks checkpoint at the end
-of the step and stop; `--resume` continues.
+Each labeler owns the blocks whose id ≡ its index (mod L) — so it labels each of them once and serves later
+epochs from memory — and walks the same `Schedule` the ranks train by: it labels its part of step k+1 while
+step k trains, and blocks when a queue is full (backpressure). A rank takes one part from each of its L
+queues per step. Queues carry block ids and int32 labels, never logits. When a rank or a labeler dies,
+everything is torn down and the phase restarts from its latest complete checkpoint (`engine.max_restarts`
+times). SIGINT/SIGTERM on the driver make the ranks checkpoint at the end of the step and stop; `--resume`
+continues.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 
 from configs import EngineConfig, TrainConfig
 from engine.errors import RunFailed
+from engine.labels import merge_stats
 from engine.phase import LabelerSpec, PhaseResult, StopFlag, TrainJob, check_interrupted, throughput, train_rank
 from engine.train import FitResult, Schedule, latest_step
 from launcher.ray_cluster import connect
@@ -65,21 +68,27 @@ class _RemoteStop:
 
 
 class QueuedLabels:
-    """The unlearn phase's `LabelSource` on a rank: labels the labeler made ahead, in `Schedule.requests` order."""
+    """The unlearn phase's `LabelSource` on a rank: labels the labelers made ahead, in `Schedule.requests`
+    order, one part from each labeler's queue."""
 
-    def __init__(self, queue: Queue, timeout: float) -> None:
-        self.queue, self.timeout = queue, timeout
+    def __init__(self, queues: list[Queue], timeout: float) -> None:
+        self.queues, self.timeout = queues, timeout
         self._scalars: dict[str, float] = {}
 
     def __call__(self, block_ids: torch.Tensor) -> torch.Tensor:
-        try:
-            ids, labels, scalars = self.queue.get(timeout=self.timeout)
-        except Empty:
-            raise RuntimeError(f"no labels from the labeler within {self.timeout:g} s (engine.label_timeout_s)") from None
-        if not torch.equal(ids, block_ids):
+        by_block, rate = {}, 0.0
+        for index, queue in enumerate(self.queues):
+            try:
+                ids, labels, labeler_rate = queue.get(timeout=self.timeout)
+            except Empty:
+                raise RuntimeError(f"no labels from labeler {index} within {self.timeout:g} s (engine.label_timeout_s)") from None
+            by_block.update(zip(ids.tolist(), labels))
+            rate += labeler_rate
+        if by_block.keys() != set(block_ids.tolist()):
             raise RuntimeError("the label stream is out of step with the trainer (different blocks)")
-        self._scalars = {**scalars, "label_queue_depth": float(self.queue.qsize())}
-        return labels.long()
+        self._scalars = {"labeler_tokens_per_s": rate, "label_queue_depth": float(sum(q.qsize() for q in self.queues))}
+        width = (len(block_ids), next(iter(by_block.values())).numel() if by_block else 0)
+        return torch.stack([by_block[i] for i in block_ids.tolist()]).long() if by_block else torch.empty(width, dtype=torch.long)
 
     def scalars(self) -> dict[str, float]:
         return self._scalars
@@ -96,17 +105,19 @@ class LabelerActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def produce(self, n_blocks: int, train: TrainConfig, world_size: int, first_step: int, queues: list[Queue]) -> dict:
-        """Every request the ranks will make from `first_step` on, each rank's share into its queue."""
+    def produce(self, n_blocks: int, train: TrainConfig, world_size: int, first_step: int, index: int, count: int, queues: list[Queue]) -> dict:
+        """This labeler's blocks (id ≡ index mod count) of every request the ranks will make from
+        `first_step` on, each rank's part into its queue (`queues[rank]`)."""
         labeler, start = self.labeler, time.perf_counter()
         for shares in Schedule.make(n_blocks, train, world_size).requests(first_step):
+            mine = [ids[ids % count == index] for ids in shares]
             tokens, busy = labeler.tokens_labeled, labeler.busy_seconds
-            labels = labeler(torch.cat(shares))
+            labels = labeler(torch.cat(mine))
             rate = (labeler.tokens_labeled - tokens) / max(labeler.busy_seconds - busy, 1e-9)
-            for queue, ids, part in zip(queues, shares, labels.split([s.numel() for s in shares])):
-                queue.put((ids, part.to(torch.int32), {"labeler_tokens_per_s": rate}))
+            for queue, ids, part in zip(queues, mine, labels.split([m.numel() for m in mine])):
+                queue.put((ids, part.to(torch.int32), rate))
         wall = time.perf_counter() - start  # includes the time blocked on full queues
-        return {"label_stats": labeler.stats(), "tokens": labeler.tokens_labeled, "busy_seconds": labeler.busy_seconds, "wall_seconds": wall}
+        return {"stats": labeler.stats(), "tokens_per_s": labeler.tokens_labeled / max(labeler.busy_seconds, 1e-9), "utilization": labeler.busy_seconds / max(wall, 1e-9)}
 
 
 def _quiet_worker() -> None:
@@ -122,7 +133,7 @@ def _quiet_worker() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def _train_on_rank(job: TrainJob, queues: list[Queue], control, resume: bool, label_timeout: float) -> FitResult:
+def _train_on_rank(job: TrainJob, queues: list[list[Queue]], control, resume: bool, label_timeout: float) -> FitResult:
     _quiet_worker()
     labels = QueuedLabels(queues[int(os.environ["RANK"])], label_timeout) if queues else None
     return train_rank(job, labels, resume, _RemoteStop(control), lambda step, total, loss: control.report.remote(step, total, loss))
@@ -148,7 +159,7 @@ class RayTrainer:
 
     def _connect(self) -> None:
         if not self._connected:
-            needed = (self.cfg.workers + 1) * self.cfg.cpus_per_worker  # a local cluster fits the ranks and the labeler
+            needed = (self.cfg.workers + self.cfg.labelers) * self.cfg.cpus_per_worker  # a local cluster fits ranks and labelers
             self._stack.enter_context(connect(self.cfg.ray_address or None, num_cpus=max(os.cpu_count() or 1, needed), dashboard=self.cfg.dashboard))
             self._connected = True
 
@@ -173,33 +184,43 @@ class RayTrainer:
             stack.callback(ray.kill, control)
             group = stack.enter_context(TrainerGroup(cfg.workers, cfg.cpus_per_worker, 1 if on_gpu else 0))
             named: dict = {}
-            queues: list[Queue] = []
-            labeler_ref = None
+            queues: list[list[Queue]] = []  # [rank][labeler]
+            labeler_refs: list = []
             if job.labeler is not None:
-                queues = [Queue(maxsize=cfg.queue_depth, actor_options={"num_cpus": 0}) for _ in range(cfg.workers)]
-                for queue in queues:
+                queues = [[Queue(maxsize=cfg.queue_depth, actor_options={"num_cpus": 0}) for _ in range(cfg.labelers)] for _ in range(cfg.workers)]
+                for queue in (q for row in queues for q in row):
                     stack.callback(queue.shutdown, force=True)
-                labeler = LabelerActor.options(
-                    num_cpus=cfg.cpus_per_worker, num_gpus=1 if on_gpu else 0, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.cpus_per_worker)}}
-                ).remote(job.labeler, "cuda" if on_gpu else "cpu", job.torch_dtype(torch.device("cuda" if on_gpu else "cpu")))
-                stack.callback(ray.kill, labeler)
-                pid = wait_all({labeler.pid.remote(): "the labeler"}, SETUP_TIMEOUT_S, "load the frozen models")
-                labeler_ref = labeler.produce.remote(job.input_ids.shape[0], job.train, cfg.workers, first_step, queues)
-                named[labeler_ref] = f"the labeler (pid {next(iter(pid.values()))})"
-            log.info("%s: %d trainer rank(s) on pids %s%s%s", job.phase, cfg.workers, group.pids(), f", {named[labeler_ref]}" if labeler_ref else "", f", resuming at step {first_step}" if first_step else "")
+                device = torch.device("cuda" if on_gpu else "cpu")
+                labelers = [
+                    LabelerActor.options(
+                        num_cpus=cfg.cpus_per_worker, num_gpus=1 if on_gpu else 0, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.cpus_per_worker)}}
+                    ).remote(job.labeler, device.type, job.torch_dtype(device))
+                    for _ in range(cfg.labelers)
+                ]
+                for labeler in labelers:
+                    stack.callback(ray.kill, labeler)
+                pid_refs = [labeler.pid.remote() for labeler in labelers]
+                pids = wait_all({ref: f"labeler {i}" for i, ref in enumerate(pid_refs)}, SETUP_TIMEOUT_S, "load the frozen models")
+                for i, (labeler, pid) in enumerate(zip(labelers, (pids[ref] for ref in pid_refs))):
+                    ref = labeler.produce.remote(job.input_ids.shape[0], job.train, cfg.workers, first_step, i, cfg.labelers, [row[i] for row in queues])
+                    labeler_refs.append(ref)
+                    named[ref] = f"labeler {i} (pid {pid})"
+            log.info("%s: %d trainer rank(s) on pids %s%s%s", job.phase, cfg.workers, group.pids(), "".join(f", {named[r]}" for r in labeler_refs), f", resuming at step {first_step}" if first_step else "")
             refs = group.start(_train_on_rank, job, queues, control, resume, cfg.label_timeout_s)
             named.update(zip(refs, group.names()))
             bar = stack.enter_context(tqdm(desc=job.phase, unit="step", initial=first_step, dynamic_ncols=True))
             results = wait_all(named, None, f"train {job.phase}", self._poller(bar, control, stop), required=refs)
             fit = results[refs[0]]
             check_interrupted(job, fit, stop)
-            made = {"label_stats": None, "tokens": 0, "busy_seconds": 0.0, "wall_seconds": 0.0}
-            if labeler_ref is not None:
-                made = results.get(labeler_ref) or ray.get(labeler_ref, timeout=SETUP_TIMEOUT_S)
-        phase = PhaseResult(fit, made["label_stats"], throughput(fit, made["tokens"], made["busy_seconds"], made["wall_seconds"]))
+            made = [results[r] if r in results else ray.get(r, timeout=SETUP_TIMEOUT_S) for r in labeler_refs]
+        if not made:
+            phase = PhaseResult(fit, None, throughput(fit))
+        else:
+            rate, utilization = sum(m["tokens_per_s"] for m in made), sum(m["utilization"] for m in made) / len(made)
+            phase = PhaseResult(fit, merge_stats([m["stats"] for m in made]), throughput(fit, rate, utilization))
         speed = phase.throughput
-        labeler = f"; waiting for labels {100 * speed['label_wait_fraction']:.1f}% of the time, labeler {speed['labeler_tokens_per_s']:.0f} tokens/s, busy {100 * speed['labeler_utilization']:.0f}%"
-        log.info("%s: %d steps in %.1f s on %d worker(s): %.0f tokens/s%s", job.phase, fit.steps, fit.seconds, cfg.workers, speed["tokens_per_s"], labeler if labeler_ref else "")
+        labeler = f"; waiting for labels {100 * speed['label_wait_fraction']:.1f}% of the time; {cfg.labelers} labeler(s): {speed['labeler_tokens_per_s']:.0f} tokens/s, busy {100 * speed['labeler_utilization']:.0f}%"
+        log.info("%s: %d steps in %.1f s on %d worker(s): %.0f tokens/s%s", job.phase, fit.steps, fit.seconds, cfg.workers, speed["tokens_per_s"], labeler if made else "")
         return phase
 
     @staticmethod

@@ -96,6 +96,29 @@ def test_bad_config_values(world, tmp_path, capsys, override, fragment):
     assert_one_line_error(code, err, fragment)
 
 
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["engine.workers=-1"], "engine.workers must be >= 0"),
+        (["engine.labelers=0"], "engine.labelers must be > 0"),
+        (["engine.queue_depth=0"], "engine.queue_depth must be > 0"),
+        (["engine.deepspeed=/nonexistent/ds.json"], "cannot read the DeepSpeed config"),
+        (["--resume", "--overwrite"], "--resume and --overwrite"),
+    ],
+)
+def test_bad_engine_settings(world, tmp_path, capsys, extra, fragment):
+    """Refused before a Ray cluster is started or anything is written."""
+    code, _, err = obliviate("reinforce", "--baseline", world["baseline"], "--target", world["files"].saga, "--out", tmp_path / "run", "engine.workers=2", *extra, capsys=capsys)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_deepspeed_config_must_be_a_json_object(world, tmp_path, capsys):
+    ds = write(tmp_path / "ds.json", "[1, 2]")
+    code, _, err = obliviate("reinforce", "--baseline", world["baseline"], "--target", world["files"].saga, "--out", tmp_path / "run", f"engine.deepspeed={ds}", capsys=capsys)
+    assert_one_line_error(code, err, "must be a JSON object")
+
+
 def test_missing_baseline_directory(world, tmp_path, capsys):
     code, _, err = obliviate("reinforce", "--baseline", tmp_path / "nomodel", "--target", world["files"].saga, "--out", tmp_path / "run", capsys=capsys)
     assert_one_line_error(code, err, "nomodel")

@@ -1,8 +1,8 @@
 """The distributed engine for real: a local Ray cluster, 2 trainer workers with DeepSpeed ZeRO-3 over gloo,
-1 labeler streaming generic labels through bounded queues, on a tiny model.
+labelers streaming generic labels through bounded queues, on a tiny model.
 
-- 2 workers × micro-batch b train like 1 in-process worker × 2b (the same losses and final weights), and
-  the checkpoints are DeepSpeed's per-rank ZeRO-3 shards;
+- 2 workers × micro-batch b (and 2 labelers) train like 1 in-process worker × 2b (the same validation
+  losses, labels and final weights), and the checkpoints are DeepSpeed's per-rank ZeRO-3 shards;
 - a trainer rank and then the labeler killed mid-run (SIGKILL by PID): the phase restarts from the latest
   checkpoint each time and ends with the weights of an uninterrupted run;
 - SIGTERM to the driver: checkpoint, exit 143; `--resume` finishes with the same weights.
@@ -46,10 +46,10 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One loopback cluster for the in-process runs: 2 ranks + the labeler, 1 CPU each."""
+    """One loopback cluster for the in-process runs: 2 ranks + up to 2 labelers, 1 CPU each."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_ADDRESS", raising=False)
-        with connect(None, num_cpus=3):
+        with connect(None, num_cpus=4):
             yield
 
 
@@ -78,15 +78,15 @@ def summary(run: Path) -> dict:
     return json.loads((run / "unlearned" / "obliviate_training.json").read_text())
 
 
-def test_two_zero3_workers_and_a_labeler_train_like_one_process_with_twice_the_batch(world, cluster, reference, tmp_path, capsys):
+def test_two_zero3_workers_and_two_labelers_train_like_one_process_with_twice_the_batch(world, cluster, reference, tmp_path, capsys):
     run = tmp_path / "run"
-    code, _, err = obliviate("unlearn", *world["args"], "--out", run, *COMMON, *ENGINE, capsys=capsys)
+    code, _, err = obliviate("unlearn", *world["args"], "--out", run, *COMMON, *ENGINE, "engine.labelers=2", capsys=capsys)
     assert code == 0, err
     got, want = summary(run), summary(reference)
     assert got["workers"] == 2 and want["workers"] == 0
     assert (got["best_step"], got["steps"]) == (want["best_step"], want["steps"]) == (STEPS, STEPS)
     assert got["best_val_loss"] == pytest.approx(want["best_val_loss"], rel=1e-5)
-    assert got["label_stats"] == want["label_stats"], "the labeler made the same labels as the in-process one"
+    assert got["label_stats"] == want["label_stats"], "the labelers made the same labels as the in-process one"
     assert_same_weights(run, reference)
     assert got["throughput"]["tokens_per_s"] > 0 and 0 <= got["throughput"]["label_wait_fraction"] < 1
 
@@ -96,7 +96,7 @@ def test_two_zero3_workers_and_a_labeler_train_like_one_process_with_twice_the_b
     for tag in ("unlearn/label_wait_s", "unlearn/label_queue_depth", "unlearn/labeler_tokens_per_s", "unlearn/tokens_per_s", "unlearn/grad_norm"):
         assert scalars(run / "tb" / "unlearn", tag), tag
     log = (run / "run.log").read_text()
-    assert re.search(r"unlearn: 2 trainer rank\(s\) on pids \[\d+, \d+\], the labeler \(pid \d+\)", log)
+    assert re.search(r"unlearn: 2 trainer rank\(s\) on pids \[\d+, \d+\], labeler 0 \(pid \d+\), labeler 1 \(pid \d+\)", log)
     assert "| 8/8 [" in err  # the driver's progress bar, from rank 0's reports
 
     # DeepSpeed's own per-rank ZeRO-3 checkpoint files, the last two kept, `latest` naming a complete one.
@@ -124,7 +124,7 @@ def scalars(directory: Path, tag: str) -> list[float]:
 
 def _pids(log: Path, attempt: int) -> tuple[list[int], int]:
     """Trainer and labeler PIDs of the `attempt`-th start logged in run.log (0-based), waiting for it."""
-    pattern = re.compile(r"unlearn: 2 trainer rank\(s\) on pids \[(\d+), (\d+)\], the labeler \(pid (\d+)\)")
+    pattern = re.compile(r"unlearn: 2 trainer rank\(s\) on pids \[(\d+), (\d+)\], labeler 0 \(pid (\d+)\)")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         found = pattern.findall(log.read_text()) if log.exists() else []
@@ -167,7 +167,7 @@ def test_killed_trainer_and_labeler_restart_from_the_checkpoint_and_finish_like_
     assert killed == ["rank 1", "labeler"]
     log = (run / "run.log").read_text()
     assert re.search(r"trainer rank 1 \(pid \d+\) died during train unlearn: .*restarting from step [2-9]", log), log
-    assert re.search(r"the labeler \(pid \d+\) died during train unlearn: .*restarting from step [4-9]", log), log
+    assert re.search(r"labeler 0 \(pid \d+\) died during train unlearn: .*restarting from step [4-9]", log), log
     assert_same_weights(run, reference)
 
 
