@@ -22,11 +22,13 @@ from queue import Empty
 
 import ray
 import torch
+from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.queue import Queue
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
 from configs import EngineConfig, TrainConfig
-from engine.errors import RunFailed
+from engine.errors import Interrupted, RunFailed
 from engine.labels import merge_stats
 from engine.phase import LabelerSpec, PhaseResult, StopFlag, TrainJob, check_interrupted, throughput, train_rank
 from engine.train import FitResult, Schedule, latest_step
@@ -170,6 +172,8 @@ class RayTrainer:
                 try:
                     return self._attempt(job, resume or attempt > 0, stop)
                 except WorkerLost as exc:
+                    if stop.is_set():  # a terminal's Ctrl-C reaches the local cluster's workers too
+                        raise Interrupted(f"{job.phase} interrupted ({exc}); the latest checkpoint is at step {latest_step(job.checkpoint_dir)}: rerun the same command with --resume", stop.signum) from exc
                     if attempt == self.cfg.max_restarts:
                         raise RunFailed(f"{job.phase}: {exc}; gave up after {attempt} restart(s) (engine.max_restarts)") from exc
                     log.warning("%s: %s; restarting from step %d (restart %d of %d)", job.phase, exc, latest_step(job.checkpoint_dir), attempt + 1, self.cfg.max_restarts)
@@ -191,11 +195,19 @@ class RayTrainer:
                 for queue in (q for row in queues for q in row):
                     stack.callback(queue.shutdown, force=True)
                 device = torch.device("cuda" if on_gpu else "cpu")
+                bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if on_gpu else {})}
+                group_of_labelers = placement_group([dict(bundle) for _ in range(cfg.labelers)], strategy="PACK")
+                stack.callback(remove_placement_group, group_of_labelers)
+                if not group_of_labelers.wait(timeout_seconds=SETUP_TIMEOUT_S):
+                    raise RunFailed(f"the Ray cluster cannot place {cfg.labelers} labeler(s) × {bundle} beside the trainers within {SETUP_TIMEOUT_S:g} s; it has {ray.cluster_resources()}")
                 labelers = [
                     LabelerActor.options(
-                        num_cpus=cfg.cpus_per_worker, num_gpus=1 if on_gpu else 0, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.cpus_per_worker)}}
+                        num_cpus=cfg.cpus_per_worker,
+                        num_gpus=1 if on_gpu else 0,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(group_of_labelers, placement_group_bundle_index=i),
+                        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.cpus_per_worker)}},
                     ).remote(job.labeler, device.type, job.torch_dtype(device))
-                    for _ in range(cfg.labelers)
+                    for i in range(cfg.labelers)
                 ]
                 for labeler in labelers:
                     stack.callback(ray.kill, labeler)
