@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 from builders import obliviate
 from engine.world import write_world
 from launcher.ray_cluster import connect
+from launcher.trainer_group import TrainerGroup
 from test_cli import make_model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -46,9 +47,11 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One loopback cluster for the in-process runs: 2 ranks + up to 2 labelers, 1 CPU each."""
+    """One loopback cluster for the in-process runs: 2 ranks + up to 2 labelers, 1 CPU each. Its workers
+    can import this module (they inherit PYTHONPATH from it)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("RAY_ADDRESS", raising=False)
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
         with connect(None, num_cpus=4):
             yield
 
@@ -107,11 +110,31 @@ def test_two_zero3_workers_and_two_labelers_train_like_one_process_with_twice_th
     assert sum("optim_states" in name for name in shards) == 2
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", f"step-{STEPS - 2}", f"step-{STEPS}"]
 
-    # The consolidated model is a plain transformers model.
+    # The consolidated model is a plain transformers model with the logits of the live ZeRO-3 engine
+    # (rebuilt on 2 Ray workers from the last checkpoint, which is the kept best step).
     model = AutoModelForCausalLM.from_pretrained(run / "unlearned")
-    ids = torch.tensor([[1, 5, 9, 13]])
-    reference_model = AutoModelForCausalLM.from_pretrained(reference / "unlearned")
-    torch.testing.assert_close(model(ids).logits, reference_model(ids).logits, rtol=0, atol=1e-4)
+    with TrainerGroup(2) as group:
+        live = group.run(_live_logits, world["baseline"], checkpoints / f"step-{STEPS}", PROBE, timeout=300)
+    torch.testing.assert_close(live[0], live[1])
+    torch.testing.assert_close(model(PROBE).logits, live[0], rtol=0, atol=1e-5)
+
+
+PROBE = torch.tensor([[1, 5, 9, 13, 2, 7]])
+
+
+def _live_logits(init: Path, checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
+    """On each rank: the DeepSpeed engine restored from a fit() checkpoint, its logits on `ids`."""
+    from configs import TrainConfig
+    from engine.zero import DeepSpeedBackend, ds_config_for, load_zero3_model
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(micro_batch_size=2, grad_accum=1)
+    ds_config = ds_config_for(cfg, 2)
+    backend = DeepSpeedBackend(load_zero3_model(init, ds_config), cfg, ds_config)
+    backend.load_state(checkpoint)
+    backend.engine.eval()
+    with torch.no_grad():
+        return backend.engine(input_ids=ids).logits
 
 
 def scalars(directory: Path, tag: str) -> list[float]:
