@@ -1,0 +1,72 @@
+"""General benchmarks through the lm-eval harness, in process: did the model stay capable?
+
+`lm_eval.simple_evaluate` runs on the model object already in memory (no subprocess, no second copy of
+the weights). Any lm-eval task works by name; `task_dirs` add local task YAMLs (how the tests and
+air-gapped clusters run them). The default tasks download their data on first use: a task whose data
+cannot be reached fails with one line naming it, before any other task runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+
+from engine.errors import UserError
+
+# The paper's general benchmarks, with its reported Llama-2-7b-chat accuracies (baseline, unlearned).
+PAPER_TASKS = {
+    "arc_challenge": (0.440, 0.414),
+    "arc_easy": (0.744, 0.724),
+    "boolq": (0.807, 0.796),
+    "hellaswag": (0.577, 0.557),
+    "openbookqa": (0.338, 0.328),
+    "piqa": (0.767, 0.760),
+    "winogrande": (0.663, 0.657),
+}
+
+
+@lru_cache(maxsize=4)
+def _task_manager(task_dirs: tuple[str, ...]):
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    return TaskManager(include_path=list(task_dirs) or None)
+
+
+def task_manager(task_dirs: Sequence[str] = ()):
+    """lm-eval's index of its ~15k tasks plus the local ones (indexing takes seconds: kept per set of dirs)."""
+    return _task_manager(tuple(str(d) for d in task_dirs))
+
+
+def load_tasks(names: Sequence[str], task_dirs: Sequence[str] = ()) -> dict:
+    """lm-eval task objects by name, data loaded; one-line errors for unknown tasks and unreachable data."""
+    manager = task_manager(task_dirs)
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"lm-eval does not know the task(s) {', '.join(unknown)} (local task YAMLs go in a task directory)")
+    tasks = {}
+    for name in names:
+        try:
+            tasks.update(manager.load([name])["tasks"])
+        except Exception as e:  # datasets and the hub raise many types for "cannot get the data"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"benchmark task {name!r}: its data cannot be loaded (offline? pre-download it or use a local task): {first}") from None
+    return tasks
+
+
+def run_benchmarks(model, tokenizer, tasks: dict, limit: int | None = None, batch_size: int = 8) -> dict[str, dict[str, float]]:
+    """Per task, its metrics (accuracy and, where lm-eval reports it, length-normalized accuracy)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    device = next(model.parameters()).device
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    with torch.no_grad():
+        output = simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit, log_samples=False, bootstrap_iters=0, random_seed=0)
+    scores = {}
+    for name, metrics in output["results"].items():
+        scores[name] = {key.split(",")[0]: float(value) for key, value in metrics.items() if key.endswith(",none") and isinstance(value, (int, float)) and "stderr" not in key}
+    return scores
