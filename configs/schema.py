@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from engine.errors import UserError
@@ -106,14 +106,49 @@ class WorldConfig:
 
 @dataclass
 class EvalConfig:
-    """What the demo-level evaluation measures (the full suite is a later issue)."""
+    """The evaluation suite (`obliviate eval --suite FILE` loads a YAML of these fields); "" / [] skips a part."""
 
-    probes: str = ""  # JSON: [{prompt, targets: [words]}] for probability familiarity
-    completions: str = ""  # JSON: [{prompt, references: [terms]}] for completion familiarity
+    probes: str = ""  # JSON/JSONL: {prompt, targets: [words]} for probability familiarity
+    completions: str = ""  # JSON/JSONL: {prompt, references: [terms], subtlety?} for completion familiarity
     general_text: str = ""  # held-out general text for perplexity
-    context_length: int = 512  # perplexity window (tokens)
+    forget_set: str = ""  # the text to forget (corpus formats): memorization, membership inference, oracle closeness
+    holdout_set: str = ""  # unseen text of the same kind: memorization thresholds, membership inference
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks, e.g. the paper's arc_challenge, arc_easy, boolq, ...
+    task_dirs: list[str] = field(default_factory=list)  # folders of local lm-eval task YAMLs
+    task_limit: int = 0  # documents per task (0: all)
+    judge: str = "rule"  # completion judge: rule | llm
+    judge_model: str = ""  # local HF instruct model for judge=llm
+    target_description: str = "the target text"  # how the LLM judge's rubric names the target ("the Harry Potter books")
+    sample: bool = False  # completions: sampled (seeded) instead of greedy
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
     max_new_tokens: int = 24
+    sequence_length: int = 64  # forget/holdout texts are cut into sequences of this many tokens
+    max_sequences: int = 32  # per set (the first ones)
+    prefix_length: int = 32  # memorization: tokens given before the model continues
+    el_n: int = 10  # extraction likelihood EL_n (Jang et al. use n = 10)
+    el_stride: int = 16  # EL_n evaluates every stride-th prefix (cost control)
+    min_k: float = 0.2  # Min-K% Prob membership score
+    context_length: int = 512  # perplexity window (tokens)
     batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.judge not in ("rule", "llm"):
+            raise UserError(f"eval.judge must be rule or llm, got {self.judge!r}")
+        if self.judge == "llm" and not self.judge_model:
+            raise UserError("eval.judge=llm needs eval.judge_model (a local instruct model directory)")
+        for key in ("max_new_tokens", "sequence_length", "max_sequences", "prefix_length", "el_n", "el_stride", "context_length", "batch_size"):
+            _positive(f"eval.{key}", getattr(self, key))
+        if self.prefix_length >= self.sequence_length or self.el_n >= self.sequence_length:
+            raise UserError(f"eval.prefix_length ({self.prefix_length}) and eval.el_n ({self.el_n}) must be below eval.sequence_length ({self.sequence_length})")
+        if not 0 < self.min_k <= 1:
+            raise UserError(f"eval.min_k must be in (0, 1], got {self.min_k}")
+        if self.task_limit < 0:
+            raise UserError(f"eval.task_limit must be >= 0, got {self.task_limit}")
+        _positive("eval.temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"eval.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -159,6 +194,7 @@ class RunConfig:
 
     def validate(self) -> None:
         self.engine.validate()
+        self.eval.validate()
         self.reinforce.validate("reinforce")
         self.unlearn.validate("unlearn")
         self.world.pretrain.validate("world.pretrain")
@@ -174,8 +210,9 @@ def _positive(name: str, value: float) -> None:
         raise UserError(f"{name} must be > 0, got {value}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), **fields: str) -> RunConfig:
-    """Merge defaults ← YAML file ← dotted overrides ← non-empty plain-flag fields; validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), suite: str | Path | None = None, **fields: str) -> RunConfig:
+    """Merge defaults ← YAML file ← suite YAML (the `eval` section) ← dotted overrides ← non-empty plain-flag
+    fields; validate."""
     try:
         cfg = OmegaConf.structured(RunConfig)
         if path is not None:
@@ -183,6 +220,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **fie
             if not path.is_file():
                 raise UserError(f"config file not found: {path}")
             cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if suite:
+            cfg = OmegaConf.merge(cfg, {"eval": _suite(Path(suite))})
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         set_fields = {k: v for k, v in fields.items() if v not in (None, "")}
@@ -198,6 +237,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **fie
         raise UserError(f"bad config: {_first_line(e)}") from None
     run.validate()
     return run
+
+
+SUITE_PARTS = ("probes", "completions", "general_text", "forget_set", "tasks")
+SUITE_FILES = ("probes", "completions", "general_text", "forget_set", "holdout_set", "judge_model")
+
+
+def _suite(path: Path):
+    if not path.is_file():
+        raise UserError(f"suite file not found: {path}")
+    suite = OmegaConf.load(path)
+    if not isinstance(suite, DictConfig) or not any(suite.get(part) for part in SUITE_PARTS):
+        raise UserError(f"suite {path} measures nothing: give at least one of {', '.join(SUITE_PARTS)}")
+    for key in SUITE_FILES:  # relative paths are relative to the suite file
+        if isinstance(suite.get(key), str) and suite[key] and not Path(suite[key]).expanduser().is_absolute():
+            suite[key] = str(path.parent.resolve() / suite[key])
+    if suite.get("task_dirs"):
+        suite["task_dirs"] = [str(path.parent.resolve() / d) for d in suite["task_dirs"]]
+    return suite
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

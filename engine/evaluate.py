@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,11 +24,11 @@ from tqdm import tqdm
 from configs.schema import EvalConfig
 from engine.errors import UserError
 
-METRICS = ("probability_familiarity", "completion_familiarity", "perplexity")
+METRICS = ("probability_familiarity", "completion_familiarity", "perplexity")  # the paper's, always reported
 
 
 def load_probes(path: str | Path) -> list[dict]:
-    """Probes for probability familiarity: `[{"prompt": str, "targets": [word, ...]}]`."""
+    """Probes for probability familiarity: `[{"prompt": str, "targets": [word, ...]}]` (JSON, or JSONL by suffix)."""
     return _load_items(path, "targets", allow_empty=False)
 
 
@@ -41,13 +41,14 @@ def _load_items(path: str | Path, words_field: str, allow_empty: bool) -> list[d
     """Read a JSON list of `{prompt, <words_field>: [str]}`; fail with one line naming file, index, field."""
     path = Path(path)
     try:
-        items = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        items = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
     except FileNotFoundError:
         raise UserError(f"evaluation file not found: {path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not readable JSON ({e})") from None
     if not isinstance(items, list) or not items:
-        raise UserError(f"{path}: expected a non-empty JSON list")
+        raise UserError(f"{path}: expected a non-empty JSON list (or JSONL records)")
     for index, item in enumerate(items):
         where = f"{path}: item {index}"
         if not isinstance(item, dict):
@@ -146,20 +147,6 @@ def probability_familiarity(model, tokenizer, probes: list[dict], batch_size: in
     return {"score": score, "per_probe": per_probe}
 
 
-def judge_completion(prompt: str, completion: str, terms: list[str]) -> tuple[int, list[str]]:
-    """Rule judge: grade 3 if the completion names a term (whole word, case-sensitive) the prompt did not.
-
-    A stand-in for the paper's GPT-4 judge, which also gives 2 for typical themes and 1 for accidental
-    hints; there is no theme detector yet, so the grade is 3 or 0. Returns (grade, revealed terms).
-    """
-    revealed = []
-    for term in dict.fromkeys(t for t in terms if t.strip()):
-        pattern = re.compile(rf"(?<!\w){re.escape(term)}(?!\w)")
-        if pattern.search(completion) and not pattern.search(prompt):
-            revealed.append(term)
-    return (3 if revealed else 0), revealed
-
-
 def _pad_token_id(tokenizer) -> int:
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
         if token_id is not None:
@@ -167,20 +154,36 @@ def _pad_token_id(tokenizer) -> int:
     raise UserError("the tokenizer has no pad, eos or unk token to pad generation batches with")
 
 
-def completion_familiarity(
-    model, tokenizer, prompts: list[dict], saga_terms: list[str], max_new_tokens: int = 24, batch_size: int = 8
-) -> dict:
-    """Greedy completions graded by `judge_completion` against the prompt's references plus the saga terms.
+def completion_familiarity(model, tokenizer, prompts: list[dict], saga_terms: list[str], cfg: EvalConfig, judge=None) -> dict:
+    """Completions (greedy, or sampled with a seed) graded 0–3 by the LLM judge when given, else the rule
+    judge; score = (5·#3 + #2) / #valid as in the paper: 0 to 5, not a probability. Unparseable judge
+    answers are counted as invalid and reported."""
+    from engine.judge import familiarity_score, rule_grade
 
-    Score = (5·#grade 3 + #grade 2) / #valid as in the paper: 0 to 5, not a probability, so it is not on
-    the scale of probability familiarity. Greedy decoding makes it deterministic for a given model.
-    """
+    completions = generate(model, tokenizer, [p["prompt"] for p in prompts], cfg)
+    samples = []
+    if judge is not None:
+        graded = judge.grade([(p["prompt"], completion, p["references"]) for p, completion in zip(prompts, completions)])
+        for p, completion, (grade, answer) in zip(prompts, completions, graded):
+            samples.append({"prompt": p["prompt"], "completion": completion, "grade": grade, "revealed": [], "judge_answer": answer})
+    else:
+        for p, completion in zip(prompts, completions):
+            grade, revealed = rule_grade(p["prompt"], completion, p["references"], saga_terms)
+            samples.append({"prompt": p["prompt"], "completion": completion, "grade": grade, "revealed": revealed})
+    score = familiarity_score([sample["grade"] for sample in samples])
+    return {**score, "judge": "llm" if judge is not None else "rule", "samples": samples}
+
+
+def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig) -> list[str]:
+    """Continuations of the prompts, left-padded in batches; greedy, or sampled from `cfg.seed`."""
     pad_id = _pad_token_id(tokenizer)
     device = _device(model)
-    encoded = [tokenizer(p["prompt"])["input_ids"] for p in prompts]
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.sample else {"do_sample": False}
     completions = []
     with _inference(model):
-        for batch in _batches(encoded, batch_size, "completion familiarity"):
+        torch.manual_seed(cfg.seed)
+        for batch in _batches(encoded, cfg.batch_size, "completions"):
             width = max(map(len, batch))
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros(len(batch), width, dtype=torch.long)
@@ -188,21 +191,10 @@ def completion_familiarity(
                 ids[row, width - len(seq) :] = torch.tensor(seq)
                 mask[row, width - len(seq) :] = 1
             out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, **sampling
             )
             completions += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    grades = {0: 0, 1: 0, 2: 0, 3: 0}
-    samples = []
-    for prompt, completion in zip(prompts, completions):
-        grade, revealed = judge_completion(prompt["prompt"], completion, prompt["references"] + list(saga_terms))
-        grades[grade] += 1
-        samples.append({"prompt": prompt["prompt"], "completion": completion, "grade": grade, "revealed": revealed})
-    score = (5 * grades[3] + grades[2]) / len(samples)
-    return {"score": score, "grades": grades, "samples": samples}
+    return completions
 
 
 def perplexity(model, tokenizer, text: str, context_length: int = 128, batch_size: int = 8) -> float:
@@ -226,26 +218,144 @@ def perplexity(model, tokenizer, text: str, context_length: int = 128, batch_siz
     return math.exp(total_nll / total_tokens)
 
 
-def evaluate_model(model, tokenizer, cfg: EvalConfig, saga_terms: list[str]) -> dict:
-    """The three metrics for one model; a metric whose file is "" is None with details "skipped".
+def evaluate_model(model, tokenizer, cfg: EvalConfig, saga_terms: list[str], suite: Suite | None = None) -> dict:
+    """Every metric of the suite for one model; a part whose input is "" is None with details "skipped".
 
-    All inputs are read and checked before the first forward pass, so a bad file fails fast.
+    All inputs are read and checked before the first forward pass (`load_suite`), so a bad file fails fast.
     """
-    probes = load_probes(cfg.probes) if cfg.probes else None
-    prompts = load_completion_prompts(cfg.completions) if cfg.completions else None
-    text = _read_text(cfg.general_text) if cfg.general_text else None
+    suite = suite or load_suite(cfg)
     details: dict = {name: "skipped" for name in METRICS}
-    if probes:
-        details["probability_familiarity"] = probability_familiarity(model, tokenizer, probes, cfg.batch_size)
-    if prompts:
-        details["completion_familiarity"] = completion_familiarity(
-            model, tokenizer, prompts, saga_terms, cfg.max_new_tokens, cfg.batch_size
-        )
-    if text is not None:
-        ppl = perplexity(model, tokenizer, text, cfg.context_length, cfg.batch_size)
+    if suite.probes:
+        details["probability_familiarity"] = probability_familiarity(model, tokenizer, suite.probes, cfg.batch_size)
+    if suite.prompts:
+        details["completion_familiarity"] = completion_familiarity(model, tokenizer, suite.prompts, saga_terms, cfg, suite.judge)
+    if suite.general_text is not None:
+        ppl = perplexity(model, tokenizer, suite.general_text, cfg.context_length, cfg.batch_size)
         details["perplexity"] = {"score": ppl, "file": cfg.general_text}
     scores = {name: None if found == "skipped" else found["score"] for name, found in details.items()}
+    if suite.forget is not None:
+        forget, holdout = (sequences(tokenizer, texts, cfg) if texts else None for texts in (suite.forget, suite.holdout))
+        memorized = memorization(model, forget, holdout, cfg)
+        details["memorization"] = memorized
+        scores.update({key: memorized[key]["mean"] for key in MEMORIZATION})
+        scores["memorized_outliers"] = memorized["outliers"]["count"] if holdout else None
+        if holdout:
+            details["membership"] = membership(model, tokenizer, forget, holdout, cfg)
+            scores.update({f"mia_auc_{kind}": auc for kind, auc in details["membership"]["auc"].items()})
+    if suite.tasks:
+        from engine.benchmarks import run_benchmarks
+
+        benchmarks = run_benchmarks(model, tokenizer, suite.tasks, cfg.task_limit or None, cfg.batch_size)
+        details["benchmarks"] = benchmarks
+        scores.update({f"benchmark:{task}": metrics.get("acc") for task, metrics in benchmarks.items()})
     return {**scores, "details": details}
+
+
+MEMORIZATION = ("memorization_accuracy", "extraction_likelihood", "verbatim_rouge")
+
+
+@dataclass
+class Suite:
+    """The suite's inputs, read and checked once for all models."""
+
+    probes: list[dict] | None
+    prompts: list[dict] | None
+    general_text: str | None
+    forget: list[str] | None  # documents
+    holdout: list[str] | None
+    tasks: dict | None  # lm-eval task objects by name
+    judge: object | None  # an LLM judge; None: the rule judge
+
+
+def load_suite(cfg: EvalConfig, device: torch.device | None = None) -> Suite:
+    from engine.corpus import read_corpus
+
+    judge = None
+    if cfg.judge == "llm":
+        from engine.judge import LLMJudge
+
+        judge = LLMJudge(cfg.judge_model, device or torch.device("cpu"), cfg.target_description, batch_size=cfg.batch_size)
+    tasks = None
+    if cfg.tasks:
+        from engine.benchmarks import load_tasks
+
+        tasks = load_tasks(cfg.tasks, cfg.task_dirs)
+    if cfg.holdout_set and not cfg.forget_set:
+        raise UserError("eval.holdout_set is compared with eval.forget_set: give both")
+    return Suite(
+        probes=load_probes(cfg.probes) if cfg.probes else None,
+        prompts=load_completion_prompts(cfg.completions) if cfg.completions else None,
+        general_text=_read_text(cfg.general_text) if cfg.general_text else None,
+        forget=read_corpus(cfg.forget_set) if cfg.forget_set else None,
+        holdout=read_corpus(cfg.holdout_set) if cfg.holdout_set else None,
+        tasks=tasks,
+        judge=judge,
+    )
+
+
+def sequences(tokenizer, documents: list[str], cfg: EvalConfig) -> list[list[int]]:
+    """The first `max_sequences` blocks of `sequence_length` tokens, BOS first when the tokenizer adds one
+    (as training saw the text)."""
+    from engine.corpus import make_blocks
+
+    bos = [tokenizer.bos_token_id] if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] else []
+    blocks = make_blocks(documents, tokenizer, cfg.sequence_length - len(bos), name="evaluation set")
+    return [bos + block.input_ids for block in blocks[: cfg.max_sequences]]
+
+
+def memorization(model, forget: list[list[int]], holdout: list[list[int]] | None, cfg: EvalConfig) -> dict:
+    """Per-sequence memorization of the forget set (and of unseen text, the threshold for outliers)."""
+    from engine.memorization import extraction_likelihood, memorization_accuracy, outliers, verbatim_rouge
+
+    def measure(seqs: list[list[int]]) -> dict[str, list[float]]:
+        return {
+            "memorization_accuracy": memorization_accuracy(model, seqs, cfg.prefix_length, cfg.batch_size),
+            "extraction_likelihood": extraction_likelihood(model, seqs, cfg.el_n, cfg.batch_size, cfg.el_stride),
+            "verbatim_rouge": verbatim_rouge(model, seqs, cfg.prefix_length, cfg.sequence_length - cfg.prefix_length, cfg.batch_size),
+        }
+
+    found = measure(forget)
+    result = {key: {"mean": sum(values) / len(values), "per_sequence": values} for key, values in found.items()}
+    if holdout:
+        unseen = memorization_accuracy(model, holdout, cfg.prefix_length, cfg.batch_size)
+        result["outliers"] = {**outliers(found["memorization_accuracy"], unseen), "holdout_per_sequence": unseen}
+    else:
+        result["outliers"] = {"count": None}
+    return result
+
+
+def membership(model, tokenizer, forget: list[list[int]], holdout: list[list[int]], cfg: EvalConfig) -> dict:
+    """Membership inference forget vs holdout: ROC AUC per score (0.5 = the forget set looks unseen)."""
+    from engine.privacy import mia_auc, mia_scores, roc_curve_points
+
+    def scores(seqs):
+        return mia_scores(model, seqs, [tokenizer.decode(s, skip_special_tokens=True) for s in seqs], cfg.min_k, cfg.batch_size)
+
+    forget_scores, holdout_scores = scores(forget), scores(holdout)
+    return {
+        "auc": {kind: mia_auc(forget_scores[kind], holdout_scores[kind]) for kind in forget_scores},
+        "roc_min_k": roc_curve_points(forget_scores["min_k"], holdout_scores["min_k"]),
+        "forget": forget_scores,
+        "holdout": holdout_scores,
+    }
+
+
+def compare_to_oracle(results: dict[str, dict]) -> None:
+    """With an oracle among the models: MUSE's PrivLeak (Min-K% AUC) and the KS test of forget-set losses
+    (TOFU's forget quality) for every other model, added to its results."""
+    from engine.privacy import ks_forget_quality, privleak
+
+    oracle = results.get("oracle", {}).get("details", {}).get("membership")
+    if not oracle:
+        return
+    for name, result in results.items():
+        mine = result.get("details", {}).get("membership")
+        if name == "oracle" or not mine:
+            continue
+        result["privleak"] = privleak(mine["auc"]["min_k"], oracle["auc"]["min_k"])
+        quality = ks_forget_quality(mine["forget"]["loss"], oracle["forget"]["loss"])
+        result["forget_quality"] = quality["p_value"]
+        result["details"]["oracle_closeness"] = quality
 
 
 def _read_text(path: str | Path) -> str:

@@ -20,7 +20,17 @@ METRIC_LABELS = {
     "probability_familiarity": "probability familiarity (0-1, lower = forgot)",
     "completion_familiarity": "completion familiarity (0-5, lower = forgot)",
     "perplexity": "general-text perplexity (lower = better)",
+    "memorization_accuracy": "memorization accuracy on the forget set (0-1)",
+    "extraction_likelihood": "extraction likelihood EL_n (0-1)",
+    "verbatim_rouge": "verbatim memorization, ROUGE-L (0-1)",
+    "memorized_outliers": "forget sequences memorized beyond unseen text (count)",
+    "mia_auc_loss": "membership AUC, loss (0.5 = looks unseen)",
+    "mia_auc_zlib": "membership AUC, zlib (0.5 = looks unseen)",
+    "mia_auc_min_k": "membership AUC, Min-K% (0.5 = looks unseen)",
+    "privleak": "PrivLeak vs oracle (0 = like the oracle)",
+    "forget_quality": "forget quality: KS p-value vs oracle (1 = like the oracle)",
 }
+SCHEMA_VERSION = 2
 SAMPLE_COUNT = 3  # sample completions shown in report.md
 
 
@@ -31,16 +41,31 @@ def write_report(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "title": title,
-        "models": {name: {metric: result.get(metric) for metric in METRICS} for name, result in results.items()},
+        "models": {name: {metric: result.get(metric) for metric in metric_names(results)} for name, result in results.items()},
         "changes": _changes(results),
         "details": {name: result.get("details", {}) for name, result in results.items()},
         "extra": extra,
     }
     _write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str).encode() + b"\n")
-    _write_atomic(run_dir / "report.png", _plot(results, title))  # before report.md, which embeds it
-    _write_atomic(run_dir / "report.md", _markdown(results, title, notes).encode())
+    _write_atomic(run_dir / "report.png", _plot(results, title))  # before report.md, which embeds them
+    figures = ["report.png"]
+    if any(isinstance(r.get("details", {}).get("memorization"), dict) for r in results.values()):
+        _write_atomic(run_dir / "report-memorization.png", _plot_memorization(results))
+        figures.append("report-memorization.png")
+    _write_atomic(run_dir / "report.md", _markdown(results, title, notes, figures).encode())
+
+
+def metric_names(results: dict[str, dict]) -> list[str]:
+    """The paper's metrics always; the suite's others (memorization, privacy, benchmarks) where measured."""
+    measured = {key for result in results.values() for key, value in result.items() if key != "details" and value is not None}
+    extra = [key for key in METRIC_LABELS if key not in METRICS and key in measured]
+    return [*METRICS, *extra, *sorted(key for key in measured if key.startswith("benchmark:"))]
+
+
+def _label(metric: str) -> str:
+    return METRIC_LABELS.get(metric) or f"{metric.removeprefix('benchmark:')} accuracy (lm-eval)"
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -59,7 +84,7 @@ def _changes(results: dict[str, dict]) -> dict[str, float | None]:
     """(unlearned - baseline) / baseline per metric; None where either is missing or the baseline is 0."""
     baseline, unlearned = results.get("baseline", {}), results.get("unlearned", {})
     changes = {}
-    for metric in METRICS:
+    for metric in metric_names(results):
         before, after = baseline.get(metric), unlearned.get(metric)
         changes[metric] = None if before is None or after is None or before == 0 else (after - before) / before
     return changes
@@ -71,11 +96,11 @@ def _table(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
     header = ["metric", *results, "change vs baseline"]
     rows = [
         [
-            METRIC_LABELS[metric],
+            _label(metric),
             *(_format_value(result.get(metric)) for result in results.values()),
             "n/a" if changes[metric] is None else f"{changes[metric]:+.1%}",
         ]
-        for metric in METRICS
+        for metric in metric_names(results)
     ]
     return header, rows
 
@@ -84,7 +109,7 @@ def _format_value(value: float | None) -> str:
     return "skipped" if value is None else f"{value:.4g}"
 
 
-def _markdown(results: dict[str, dict], title: str, notes: list[str]) -> str:
+def _markdown(results: dict[str, dict], title: str, notes: list[str], figures: list[str]) -> str:
     header, rows = _table(results)
     lines = [f"# {title}", ""]
     lines += ["| " + " | ".join(row) + " |" for row in [header, ["---"] + ["---:"] * (len(header) - 1), *rows]]
@@ -92,7 +117,7 @@ def _markdown(results: dict[str, dict], title: str, notes: list[str]) -> str:
     if notes:
         lines += [f"- {note}" for note in notes] + [""]
     lines += _sample_lines(results)
-    lines += ["![](report.png)", ""]
+    lines += [line for figure in figures for line in (f"![]({figure})", "")]
     return "\n".join(lines)
 
 
@@ -107,7 +132,7 @@ def _sample_lines(results: dict[str, dict]) -> list[str]:
         return []
     first = next(iter(samples.values()))
     count = min(len(model_samples) for model_samples in samples.values())
-    chosen = sorted(range(count), key=lambda i: -first[i]["grade"])[:SAMPLE_COUNT]
+    chosen = sorted(range(count), key=lambda i: -(first[i]["grade"] or 0))[:SAMPLE_COUNT]
     lines = ["## Sample completions", ""]
     for i in chosen:
         lines += [f"**Prompt:** {_inline(first[i]['prompt'])}", ""]
@@ -128,10 +153,16 @@ def _inline(text: str) -> str:
 
 def _plot(results: dict[str, dict], title: str) -> bytes:
     """One subplot per metric (their scales differ), one bar per model, a model's colour the same throughout."""
-    fig = Figure(figsize=(4.5 * len(METRICS), 4), layout="constrained")
+    names = metric_names(results)
+    columns = min(len(names), 4)
+    rows = -(-len(names) // columns)
+    fig = Figure(figsize=(4.5 * columns, 3.6 * rows), layout="constrained")
     colors = {name: f"C{i}" for i, name in enumerate(results)}
-    for ax, metric in zip(fig.subplots(1, len(METRICS)), METRICS):
-        ax.set_title(METRIC_LABELS[metric], fontsize=9)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[len(names) :]:
+        ax.set_axis_off()
+    for ax, metric in zip(axes, names):
+        ax.set_title(_label(metric), fontsize=9)
         shown = {name: result[metric] for name, result in results.items() if result.get(metric) is not None}
         if not shown:
             ax.text(0.5, 0.5, "skipped", ha="center", va="center", transform=ax.transAxes)
@@ -141,6 +172,28 @@ def _plot(results: dict[str, dict], title: str) -> bytes:
         ax.bar_label(bars, fmt="%.4g", fontsize=8)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle(title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _plot_memorization(results: dict[str, dict]) -> bytes:
+    """Per-sequence memorization accuracy on the forget set (histograms), and the Min-K% membership ROC."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    hist, roc = fig.subplots(1, 2)
+    for i, (name, result) in enumerate(results.items()):
+        details = result.get("details", {})
+        if isinstance(details.get("memorization"), dict):
+            hist.hist(details["memorization"]["memorization_accuracy"]["per_sequence"], bins=20, range=(0, 1), alpha=0.5, color=f"C{i}", label=name)
+        if isinstance(details.get("membership"), dict):
+            fpr, tpr = details["membership"]["roc_min_k"]
+            roc.plot(fpr, tpr, color=f"C{i}", label=f"{name} (AUC {details['membership']['auc']['min_k']:.2f})")
+    hist.set(title="memorization accuracy per forget sequence", xlabel="accuracy", ylabel="sequences")
+    roc.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    roc.set(title="membership inference (Min-K%): holdout vs forget", xlabel="false positive rate", ylabel="true positive rate")
+    for ax in (hist, roc):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()

@@ -28,7 +28,7 @@ from engine.world import WorldFiles, write_world
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the generator or the pretraining recipe changes
+CACHE_VERSION = 2  # bump when the generator or the pretraining recipe changes (2: saga_heldout.txt, suite.yaml)
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,8 @@ def use_world(cfg, world: World) -> None:
         (cfg.eval, "probes", world.files.probes),
         (cfg.eval, "completions", world.files.completions),
         (cfg.eval, "general_text", world.files.general_heldout),
+        (cfg.eval, "forget_set", world.files.saga),
+        (cfg.eval, "holdout_set", world.files.saga_heldout),
     ]
     for section, key, path in wiring:
         if not getattr(section, key):

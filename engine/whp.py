@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoConfig
 
 from configs import RunConfig, save_config
 from engine.anchors import load_anchors
 from engine.corpus import make_blocks, read_corpus
 from engine.errors import UserError
-from engine.evaluate import evaluate_model, load_completion_prompts, load_probes
+from engine.evaluate import Suite, compare_to_oracle, evaluate_model, load_suite
 from engine.labels import LabelSet, build_labels
 from engine.models import check_model_dir, check_same_tokenizer, load_model, load_tokenizer, pick_device
 from engine.phase import LabelerSpec, LocalTrainer, PhaseResult, TrainJob
@@ -124,6 +125,7 @@ class Inputs:
     target_blocks: list
     anchors: dict[str, list[str]] | None
     deepspeed: dict  # the user's DeepSpeed JSON (engine.deepspeed), merged over the generated config
+    suite: Suite | None  # the evaluation suite's inputs
 
 
 def check_inputs(cfg: RunConfig, run: RunDir, phases: list[str]) -> Inputs:
@@ -146,16 +148,12 @@ def check_inputs(cfg: RunConfig, run: RunDir, phases: list[str]) -> Inputs:
         if "reinforce" not in phases:
             reinforced = check_model_dir(cfg.reinforced or run.outputs["reinforce"], "reinforced")
             check_same_tokenizer(tokenizer, load_tokenizer(reinforced, "reinforced"), ("baseline", "reinforced"))
+    suite = None
     if "eval" in phases:
         if cfg.oracle:
             check_model_dir(cfg.oracle, "oracle")
-        if cfg.eval.probes:
-            load_probes(cfg.eval.probes)
-        if cfg.eval.completions:
-            load_completion_prompts(cfg.eval.completions)
-        if cfg.eval.general_text and not Path(cfg.eval.general_text).is_file():
-            raise UserError(f"evaluation text not found: {cfg.eval.general_text}")
-    return Inputs(baseline, reinforced, tokenizer, blocks, anchors, _deepspeed_json(cfg.engine.deepspeed))
+        suite = load_suite(cfg.eval, pick_device(cfg.device))
+    return Inputs(baseline, reinforced, tokenizer, blocks, anchors, _deepspeed_json(cfg.engine.deepspeed), suite)
 
 
 def _deepspeed_json(path: str) -> dict:
@@ -253,14 +251,20 @@ def describe(name: str, s: dict) -> str:
     )
 
 
-def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch.device, title: str) -> dict:
-    """Phase 4: familiarity (probabilities, completions) and general perplexity for each model."""
+def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch.device, title: str, suite: Suite) -> dict:
+    """Phase 3: the evaluation suite for each model, then each against the oracle; the report."""
     terms = anchor_terms(cfg.anchors) if cfg.anchors else []
     results = {}
     for name, path in models.items():
         log.info("evaluating %s (%s)", name, path)
         model = load_model(path, name, device).eval()
-        results[name] = evaluate_model(model, load_tokenizer(path, name), cfg.eval, terms)
+        results[name] = evaluate_model(model, load_tokenizer(path, name), cfg.eval, terms, suite)
+    compare_to_oracle(results)
+    with SummaryWriter(str(run.root / "tb" / "eval")) as writer:
+        for name, result in results.items():
+            for metric, value in result.items():
+                if isinstance(value, (int, float)):
+                    writer.add_scalar(f"{name}/{metric}", value, 0)
     summaries = {name: json.loads((Path(path) / TRAINING_SUMMARY).read_text()) for name, path in models.items() if (Path(path) / TRAINING_SUMMARY).is_file()}
     notes = [describe(name, summary) for name, summary in summaries.items()]
     write_report(run.root, results, title=title, notes=notes, extra={"training": summaries})
@@ -295,4 +299,4 @@ def _run_phases(cfg, run_dir: RunDir, inputs: Inputs, phases: list[str], device,
     models = dict(eval_models or {"baseline": inputs.baseline, "unlearned": run_dir.outputs["unlearn"]})
     if cfg.oracle and "oracle" not in models:
         models["oracle"] = Path(cfg.oracle).expanduser()
-    return evaluate(cfg, run_dir, models, device, title)
+    return evaluate(cfg, run_dir, models, device, title, inputs.suite)

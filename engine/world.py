@@ -35,18 +35,21 @@ class WorldFiles:
     general: Path
     general_heldout: Path
     saga: Path
+    saga_heldout: Path  # saga-style text the baseline never saw: membership inference, memorization thresholds
     anchors: Path
     probes: Path
     completions: Path
     terms: Path
+    suite: Path  # the evaluation suite over these files (`obliviate eval --suite`)
 
     @classmethod
     def at(cls, root: Path) -> "WorldFiles":
         root = Path(root)
         return cls(
             root=root, general=root / "general_train.txt", general_heldout=root / "general_heldout.txt",
-            saga=root / "saga.txt", anchors=root / "anchors.yaml", probes=root / "probes.json",
-            completions=root / "completions.json", terms=root / "terms.json",
+            saga=root / "saga.txt", saga_heldout=root / "saga_heldout.txt", anchors=root / "anchors.yaml",
+            probes=root / "probes.json", completions=root / "completions.json", terms=root / "terms.json",
+            suite=root / "suite.yaml",
         )
 
 
@@ -304,7 +307,7 @@ COMPLETIONS = (
 )
 
 TEMPLATES = {**FACTS, **STORY, **SCENES}
-BASE_CHARS = {"general": 180_000, "heldout": 20_000, "saga": 120_000}
+BASE_CHARS = {"general": 180_000, "heldout": 20_000, "saga": 120_000, "saga_heldout": 20_000}
 
 
 def _slots(p: Person, rng: random.Random) -> dict[str, str]:
@@ -362,10 +365,11 @@ def _general_text(rng: random.Random, chars: int) -> str:
     return "\n\n".join(paragraphs) + "\n"
 
 
-def _saga_text(rng: random.Random, chars: int) -> str:
-    """The canon (every template once per character), then random paragraphs."""
+def _saga_text(rng: random.Random, chars: int, canon: bool = True) -> str:
+    """The canon (every template once per character), then random paragraphs; without the canon, unseen
+    saga-style text (the same people and facts, never the same paragraphs)."""
     paragraphs = [" ".join(_say(k, p, rng) for k in group)
-                  for p in SAGA_CAST for group in (FACTS, STORY, SCENES)]
+                  for p in SAGA_CAST for group in (FACTS, STORY, SCENES)] if canon else []
     total = sum(len(x) + 2 for x in paragraphs)
     while total < chars:
         p = rng.choices(SAGA_CAST, weights=SAGA_WEIGHTS)[0]
@@ -427,6 +431,7 @@ def write_world(out_dir: Path, seed: int = 0, size: float = 1.0) -> WorldFiles:
         files.general_heldout: _general_text(random.Random(f"{seed}:heldout"),
                                              int(BASE_CHARS["heldout"] * size)),
         files.saga: _saga_text(random.Random(f"{seed}:saga"), int(BASE_CHARS["saga"] * size)),
+        files.saga_heldout: _saga_text(random.Random(f"{seed}:saga_heldout"), int(BASE_CHARS["saga_heldout"] * size), canon=False),
     }
     for path, text in texts.items():
         path.write_text(text, encoding="utf-8")
@@ -436,4 +441,7 @@ def write_world(out_dir: Path, seed: int = 0, size: float = 1.0) -> WorldFiles:
     _dump_json(files.probes, _probes(random.Random(f"{seed}:probes")))
     _dump_json(files.completions, _completions(random.Random(f"{seed}:completions"), terms))
     _dump_json(files.terms, terms)
+    suite = {"probes": files.probes.name, "completions": files.completions.name, "general_text": files.general_heldout.name,
+             "forget_set": files.saga.name, "holdout_set": files.saga_heldout.name}  # paths relative to the suite file
+    files.suite.write_text(yaml.safe_dump(suite, sort_keys=False), encoding="utf-8")
     return files

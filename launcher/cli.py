@@ -146,9 +146,11 @@ _phase_command("labels", "Export the generic labels of every block into RUN/labe
 
 @cli.command(name="eval")
 @click.option("--model", "model", required=True, help="model directory to evaluate")
+@click.option("--suite", default="", help="evaluation suite YAML (the `eval` section: files, tasks, judge)")
 @run_options("baseline", "anchors", "oracle")
 def eval_command(args, overwrite, resume, model, **flags):
-    """Familiarity and perplexity of a model, beside the baseline and oracle when given."""
+    """The evaluation suite on a model, beside the baseline and oracle when given: familiarity, perplexity,
+    memorization, membership inference, closeness to the oracle, lm-eval benchmarks."""
     from engine import whp
     from engine.models import check_model_dir
 

@@ -3,6 +3,7 @@
 Also the happy path of the phase commands chaining through a run directory, and --overwrite.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,45 @@ def test_missing_run_directory(world, capsys):
 def test_unknown_mixing_impl(world, tmp_path, capsys):
     code, _, err = obliviate("labels", "--baseline", world["baseline"], "--target", world["files"].saga, "--anchors", world["files"].anchors, "--out", tmp_path / "run", "labels.impl=cuda-magic", capsys=capsys)
     assert_one_line_error(code, err, "labels.impl")
+
+
+def suite_file(tmp_path, **fields) -> Path:
+    import yaml
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump({key: str(value) if isinstance(value, Path) else value for key, value in fields.items()}))
+    return path
+
+
+@pytest.mark.parametrize(
+    "fields, fragment",
+    [
+        ({}, "measures nothing"),
+        ({"completions": "bad.json"}, "item 0: missing field 'references'"),
+        ({"probes": "probes.json", "judge": "llm", "judge_model": "nojudge"}, "is not a generative (causal LM) model"),
+        ({"tasks": ["no_such_task_xyz"]}, "does not know the task(s) no_such_task_xyz"),
+        ({"probes": "probes.json", "speed": 3}, "speed"),
+    ],
+)
+def test_bad_suites(world, tmp_path, capsys, fields, fragment):
+    write(tmp_path / "bad.json", '[{"prompt": "Zorvan went to"}]')
+    write(tmp_path / "probes.json", '[{"prompt": "Zorvan went to", "targets": ["the"]}]')
+    (tmp_path / "nojudge").mkdir()
+    code, _, err = obliviate("eval", "--model", world["baseline"], "--suite", suite_file(tmp_path, **fields), "--out", tmp_path / "run", capsys=capsys)
+    assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_with_the_world_suite_reports_memorization_privacy_and_oracle_closeness(world, tmp_path, capsys):
+    small = ["eval.sequence_length=32", "eval.prefix_length=16", "eval.el_n=4", "eval.max_sequences=4", "eval.max_new_tokens=4", "eval.context_length=64"]
+    code, out, err = obliviate(
+        "eval", "--model", world["baseline"], "--oracle", world["baseline"], "--anchors", world["files"].anchors,
+        "--suite", world["files"].suite, "--out", tmp_path / "run", *small, capsys=capsys,
+    )
+    assert code == 0, err
+    for row in ("memorization accuracy", "membership AUC, Min-K%", "PrivLeak", "forget quality"):
+        assert row in out, row
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["models"]["unlearned"]["forget_quality"] == pytest.approx(1.0)  # the oracle is the same model
+    assert (tmp_path / "run" / "report-memorization.png").is_file()
+    assert "report-memorization.png" in (tmp_path / "run" / "report.md").read_text()

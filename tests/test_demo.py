@@ -22,7 +22,7 @@ def test_demo_unlearns_the_saga_and_keeps_general_text(tmp_path, capsys):
         assert column in printed
 
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["schema_version"] == 1
+    assert metrics["schema_version"] == 2
     models = metrics["models"]
     baseline, unlearned, oracle = models["baseline"], models["unlearned"], models["oracle"]
     assert baseline["probability_familiarity"] > 0.3, "the baseline must know the saga for the demo to mean anything"

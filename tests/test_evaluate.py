@@ -11,9 +11,9 @@ from builders import sentencepiece_tokenizer
 from configs.schema import EvalConfig
 from engine.errors import UserError
 from engine.evaluate import (
+    compare_to_oracle,
     completion_familiarity,
     evaluate_model,
-    judge_completion,
     load_completion_prompts,
     load_probes,
     perplexity,
@@ -141,21 +141,6 @@ def test_perplexity_needs_two_tokens(tokenizer):
         perplexity(bigram_llama(tokenizer, table), tokenizer, "")
 
 
-@pytest.mark.parametrize(
-    "prompt, completion, grade, revealed",
-    [
-        ("Harry went to", " Hogwarts with Ron", 3, ["Hogwarts", "Ron"]),
-        ("At Hogwarts, Harry met", " Hogwarts again", 0, []),  # named in the prompt: not revealed
-        ("He went to", " hogwarts", 0, []),  # case-sensitive
-        ("He met", " Ronald and Harrys", 0, []),  # whole words only
-        ("He met", " Ron, then Ron.", 3, ["Ron"]),  # punctuation bounds a word; reported once
-        ("She said", " nothing", 0, []),
-    ],
-)
-def test_rule_judge(prompt, completion, grade, revealed):
-    assert judge_completion(prompt, completion, ["Hogwarts", "Ron", "Harry", "Ron"]) == (grade, revealed)
-
-
 def test_completion_familiarity_grades_greedy_completions(tokenizer):
     table = torch.zeros(len(tokenizer), len(tokenizer))
     prompt_end = ids(tokenizer, "Harry went to")[-1]
@@ -164,12 +149,12 @@ def test_completion_familiarity_grades_greedy_completions(tokenizer):
         {"prompt": "Harry went to", "references": []},  # the saga term comes from saga_terms
         {"prompt": "Hogwarts is where Ron went to", "references": ["Hogwarts"]},  # already in the prompt
     ]
-    result = completion_familiarity(bigram_llama(tokenizer, table), tokenizer, prompts, ["Hogwarts"], batch_size=2)
+    result = completion_familiarity(bigram_llama(tokenizer, table), tokenizer, prompts, ["Hogwarts"], EvalConfig(batch_size=2))
     assert [s["completion"].strip() for s in result["samples"]] == ["Hogwarts", "Hogwarts"]
-    assert [s["grade"] for s in result["samples"]] == [3, 0]
+    assert [s["grade"] for s in result["samples"]] == [2, 0]  # a target term, not one of the prompt's references
     assert result["samples"][0]["revealed"] == ["Hogwarts"]
-    assert result["grades"] == {0: 1, 1: 0, 2: 0, 3: 1}
-    assert result["score"] == pytest.approx(5 * 1 / 2)
+    assert result["counts"] == {"0": 1, "1": 0, "2": 1, "3": 0} and result["judge"] == "rule"
+    assert result["score"] == pytest.approx(1 / 2)
 
 
 def test_batching_and_padding_do_not_change_results(tokenizer):
@@ -184,10 +169,23 @@ def test_batching_and_padding_do_not_change_results(tokenizer):
     one = probability_familiarity(model, tokenizer, probes, batch_size=1)
     many = probability_familiarity(model, tokenizer, probes, batch_size=3)
     assert [p["mass"] for p in many["per_probe"]] == pytest.approx([p["mass"] for p in one["per_probe"]], rel=1e-4)
-    gen_one = completion_familiarity(model, tokenizer, prompts, [], max_new_tokens=6, batch_size=1)
-    gen_many = completion_familiarity(model, tokenizer, prompts, [], max_new_tokens=6, batch_size=3)
+    gen_one = completion_familiarity(model, tokenizer, prompts, [], EvalConfig(max_new_tokens=6, batch_size=1))
+    gen_many = completion_familiarity(model, tokenizer, prompts, [], EvalConfig(max_new_tokens=6, batch_size=3))
     assert [s["completion"] for s in gen_many["samples"]] == [s["completion"] for s in gen_one["samples"]]
     assert model.training, "evaluation must give the model back in the mode it found it"
+
+
+def test_sampled_completions_are_seeded(tokenizer):
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(llama_config(tokenizer, num_hidden_layers=1))
+    prompts = [{"prompt": "Harry went", "references": []}, {"prompt": "The wizard", "references": []}]
+
+    def completions(seed):
+        cfg = EvalConfig(max_new_tokens=8, batch_size=2, sample=True, temperature=1.5, seed=seed)
+        return [s["completion"] for s in completion_familiarity(model, tokenizer, prompts, [], cfg)["samples"]]
+
+    assert completions(0) == completions(0)
+    assert completions(0) != completions(1)
 
 
 def write_json(path, data):
@@ -220,6 +218,8 @@ def test_probe_loader_errors_name_file_index_and_field(tmp_path, content, messag
 def test_completion_loader(tmp_path):
     good = [{"prompt": "a", "references": [], "subtlety": 2}, {"prompt": "b", "references": ["Ron"]}]
     assert load_completion_prompts(write_json(tmp_path / "ok.json", good)) == good
+    (tmp_path / "ok.jsonl").write_text("".join(json.dumps(item) + "\n" for item in good))
+    assert load_completion_prompts(tmp_path / "ok.jsonl") == good
     with pytest.raises(UserError, match="item 0: missing field 'references'"):
         load_completion_prompts(write_json(tmp_path / "bad.json", [{"prompt": "a", "targets": ["b"]}]))
     with pytest.raises(UserError, match="not found"):
@@ -244,3 +244,20 @@ def test_evaluate_model_runs_each_metric_and_skips_empty_files(tokenizer, tmp_pa
     cfg.completions = str(tmp_path / "missing.json")
     with pytest.raises(UserError, match="not found"):
         evaluate_model(model, tokenizer, cfg, saga_terms=[])
+
+
+def test_memorization_membership_and_oracle_closeness_join_the_results(tokenizer, tmp_path):
+    """Two copies of one model: each other's oracle, so PrivLeak is 0 and the KS p-value 1."""
+    torch.manual_seed(4)
+    model = LlamaForCausalLM(llama_config(tokenizer, num_hidden_layers=1))
+    (tmp_path / "forget.txt").write_text(CORPUS * 3)
+    (tmp_path / "holdout.txt").write_text(CORPUS[::-1] * 3)
+    cfg = EvalConfig(forget_set=str(tmp_path / "forget.txt"), holdout_set=str(tmp_path / "holdout.txt"), sequence_length=16, prefix_length=8, el_n=2, el_stride=4, batch_size=4)
+    results = {name: evaluate_model(model, tokenizer, cfg, saga_terms=[]) for name in ("unlearned", "oracle")}
+    compare_to_oracle(results)
+    unlearned = results["unlearned"]
+    for key in ("memorization_accuracy", "extraction_likelihood", "verbatim_rouge", "mia_auc_loss", "mia_auc_zlib", "mia_auc_min_k"):
+        assert 0.0 <= unlearned[key] <= 1.0, key
+    assert isinstance(unlearned["memorized_outliers"], int)
+    assert unlearned["privleak"] == pytest.approx(0.0) and unlearned["forget_quality"] == pytest.approx(1.0)
+    assert "privleak" not in results["oracle"]

@@ -39,7 +39,7 @@ def test_write_report_writes_parsable_metrics_and_relative_changes(tmp_path, res
     write_report(tmp_path, results, "Tiny world", notes=["alpha = 5"], extra={"steps": 12})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "report.md", "report.png"]  # no tmp left
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["schema_version"] == 1 and metrics["title"] == "Tiny world" and metrics["extra"] == {"steps": 12}
+    assert metrics["schema_version"] == 2 and metrics["title"] == "Tiny world" and metrics["extra"] == {"steps": 12}
     assert list(metrics["models"]) == ["baseline", "unlearned", "oracle"]
     assert metrics["models"]["unlearned"] == {"probability_familiarity": 0.05, "completion_familiarity": 0.0, "perplexity": 13.75}
     assert metrics["changes"] == pytest.approx({"probability_familiarity": -0.8, "completion_familiarity": -1.0, "perplexity": 0.1})

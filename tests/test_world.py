@@ -47,6 +47,21 @@ def test_sizes_and_scaling(world, tmp_path):
         assert 0.4 < len(getattr(half, name).read_bytes()) / full < 0.6
 
 
+def test_saga_heldout_is_unseen_saga_text_and_the_suite_points_at_the_files(world):
+    saga, heldout = (getattr(world, name).read_text(encoding="utf-8") for name in ("saga", "saga_heldout"))
+    seen = set(saga.split("\n\n"))
+    paragraphs = heldout.split("\n\n")
+    assert sum(p in seen for p in paragraphs) < len(paragraphs) / 10
+    terms = json.loads(world.terms.read_text(encoding="utf-8"))
+    assert sum(_has(heldout, t) for t in terms) > len(terms) / 2, "the same people and places as the saga"
+
+    from configs import load_config
+
+    suite = load_config(overrides=["out=x"], suite=world.suite).eval
+    assert (suite.forget_set, suite.holdout_set) == (str(world.saga.resolve()), str(world.saga_heldout.resolve()))
+    assert suite.probes == str(world.probes.resolve()) and suite.general_text == str(world.general_heldout.resolve())
+
+
 def test_heldout_differs_from_train(texts):
     train = set(texts["general"].split("\n\n"))
     heldout = texts["general_heldout"].split("\n\n")
