@@ -10,6 +10,7 @@ interrupted or crashed continues from `checkpoints/PHASE/` with `resume`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -194,6 +195,8 @@ def _publish(cfg: RunConfig, run: RunDir, phase: str) -> Path:
     output = run.publish(phase)
     if not cfg.engine.keep_checkpoints:
         shutil.rmtree(run.checkpoints(phase), ignore_errors=True)
+        with contextlib.suppress(OSError):  # only when no other phase keeps its checkpoints there
+            run.checkpoints(phase).parent.rmdir()
     return output
 
 
@@ -257,7 +260,8 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
     results = {}
     for name, path in models.items():
         log.info("evaluating %s (%s)", name, path)
-        model = load_model(path, name, device).eval()
+        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cuda" else torch.float32
+        model = load_model(path, name, device, dtype).eval()
         results[name] = evaluate_model(model, load_tokenizer(path, name), cfg.eval, terms, suite)
     compare_to_oracle(results)
     with SummaryWriter(str(run.root / "tb" / "eval")) as writer:

@@ -30,6 +30,11 @@ def test_demo_unlearns_the_saga_and_keeps_general_text(tmp_path, capsys):
     assert unlearned["probability_familiarity"] <= 0.1 * baseline["probability_familiarity"]
     assert unlearned["completion_familiarity"] < baseline["completion_familiarity"]
     assert unlearned["perplexity"] <= 1.10 * baseline["perplexity"]
+    for name in ("baseline", "unlearned", "oracle"):  # the suite: memorization and membership for all three
+        for key in ("memorization_accuracy", "extraction_likelihood", "verbatim_rouge", "memorized_outliers", "mia_auc_min_k"):
+            assert models[name][key] is not None, (name, key)
+    for name in ("baseline", "unlearned"):  # closeness to the oracle for the others
+        assert models[name]["privleak"] is not None and models[name]["forget_quality"] is not None
 
     for name in ("config.yaml", "run.log", "report.md", "report.png", "unlearned/model.safetensors", "reinforced/model.safetensors"):
         assert (out / name).exists(), name
