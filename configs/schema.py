@@ -104,6 +104,10 @@ class WorldConfig:
     cache_dir: str = "~/.cache/obliviate"  # built worlds are cached here by config hash
 
 
+# The general benchmarks the paper reports (lm-eval task names); they download their data on first use.
+PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
+
+
 @dataclass
 class EvalConfig:
     """The evaluation suite (`obliviate eval --suite FILE` loads a YAML of these fields); "" / [] skips a part."""
@@ -113,7 +117,7 @@ class EvalConfig:
     general_text: str = ""  # held-out general text for perplexity
     forget_set: str = ""  # the text to forget (corpus formats): memorization, membership inference, oracle closeness
     holdout_set: str = ""  # unseen text of the same kind: memorization thresholds, membership inference
-    tasks: list[str] = field(default_factory=list)  # lm-eval tasks, e.g. the paper's arc_challenge, arc_easy, boolq, ...
+    tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS))  # lm-eval tasks ([] skips; a suite file lists its own)
     task_dirs: list[str] = field(default_factory=list)  # folders of local lm-eval task YAMLs
     task_limit: int = 0  # documents per task (0: all)
     judge: str = "rule"  # completion judge: rule | llm
@@ -249,6 +253,8 @@ def _suite(path: Path):
     suite = OmegaConf.load(path)
     if not isinstance(suite, DictConfig) or not any(suite.get(part) for part in SUITE_PARTS):
         raise UserError(f"suite {path} measures nothing: give at least one of {', '.join(SUITE_PARTS)}")
+    if "tasks" not in suite:  # a suite file is explicit: benchmarks only when it lists them
+        suite["tasks"] = []
     for key in SUITE_FILES:  # relative paths are relative to the suite file
         if isinstance(suite.get(key), str) and suite[key] and not Path(suite[key]).expanduser().is_absolute():
             suite[key] = str(path.parent.resolve() / suite[key])

@@ -16,8 +16,8 @@ import torch
 
 from engine.errors import UserError
 
-# The paper's general benchmarks, with its reported Llama-2-7b-chat accuracies (baseline, unlearned).
-PAPER_TASKS = {
+# The paper's Llama-2-7b-chat accuracies on its general benchmarks (baseline, unlearned), for the report.
+PAPER_ACCURACY = {
     "arc_challenge": (0.440, 0.414),
     "arc_easy": (0.744, 0.724),
     "boolq": (0.807, 0.796),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from engine.benchmarks import PAPER_ACCURACY
 from engine.evaluate import METRICS
 
 METRIC_LABELS = {
@@ -114,6 +115,9 @@ def _markdown(results: dict[str, dict], title: str, notes: list[str], figures: l
     lines = [f"# {title}", ""]
     lines += ["| " + " | ".join(row) + " |" for row in [header, ["---"] + ["---:"] * (len(header) - 1), *rows]]
     lines.append("")
+    paper = [f"{task} {before:.3f} → {after:.3f}" for task, (before, after) in PAPER_ACCURACY.items() if f"benchmark:{task}" in metric_names(results)]
+    if paper:
+        notes = [*notes, "For scale, the paper's Llama-2-7b-chat (baseline → unlearned): " + ", ".join(paper)]
     if notes:
         lines += [f"- {note}" for note in notes] + [""]
     lines += _sample_lines(results)

@@ -147,7 +147,7 @@ def test_phases_chain_through_the_run_dir_and_finished_phases_need_overwrite(wor
     assert not list(run.glob(".*")), "no staging directories left behind"
 
     files = world["files"]
-    evals = [f"eval.probes={files.probes}", f"eval.completions={files.completions}", f"eval.general_text={files.general_heldout}", "eval.max_new_tokens=4", "eval.context_length=64"]
+    evals = [f"eval.probes={files.probes}", f"eval.completions={files.completions}", f"eval.general_text={files.general_heldout}", "eval.max_new_tokens=4", "eval.context_length=64", "eval.tasks=[]"]
     code, out, err = obliviate("eval", "--model", run / "unlearned", "--baseline", world["baseline"], "--anchors", files.anchors, "--out", run, *evals, capsys=capsys)
     assert code == 0, err
     assert "baseline" in out and "unlearned" in out
@@ -180,7 +180,7 @@ def test_any_hugging_face_causal_lm_works_as_the_baseline(tmp_path, capsys):
     code, out, err = obliviate(
         "run", "--baseline", tmp_path / "gpt2", "--target", files.saga, "--anchors", files.anchors, "--out", run, *TINY,
         f"eval.probes={files.probes}", f"eval.completions={files.completions}", f"eval.general_text={files.general_heldout}", "eval.max_new_tokens=4", "eval.context_length=64",
-        capsys=capsys,
+        "eval.tasks=[]", capsys=capsys,
     )
     assert code == 0, err
     assert "unlearned" in out

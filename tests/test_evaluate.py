@@ -231,6 +231,7 @@ def test_evaluate_model_runs_each_metric_and_skips_empty_files(tokenizer, tmp_pa
     model = bigram_llama(tokenizer, table)
     (tmp_path / "general.txt").write_text(CORPUS)
     cfg = EvalConfig(
+        tasks=[],
         probes=write_json(tmp_path / "probes.json", [{"prompt": "Harry went", "targets": ["to"]}]),
         completions="",
         general_text=str(tmp_path / "general.txt"),
@@ -252,7 +253,7 @@ def test_memorization_membership_and_oracle_closeness_join_the_results(tokenizer
     model = LlamaForCausalLM(llama_config(tokenizer, num_hidden_layers=1))
     (tmp_path / "forget.txt").write_text(CORPUS * 3)
     (tmp_path / "holdout.txt").write_text(CORPUS[::-1] * 3)
-    cfg = EvalConfig(forget_set=str(tmp_path / "forget.txt"), holdout_set=str(tmp_path / "holdout.txt"), sequence_length=16, prefix_length=8, el_n=2, el_stride=4, batch_size=4)
+    cfg = EvalConfig(tasks=[], forget_set=str(tmp_path / "forget.txt"), holdout_set=str(tmp_path / "holdout.txt"), sequence_length=16, prefix_length=8, el_n=2, el_stride=4, batch_size=4)
     results = {name: evaluate_model(model, tokenizer, cfg, saga_terms=[]) for name in ("unlearned", "oracle")}
     compare_to_oracle(results)
     unlearned = results["unlearned"]

@@ -85,3 +85,13 @@ def test_report_without_baseline_or_samples(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["changes"] == {"probability_familiarity": None, "completion_familiarity": None, "perplexity": None}
     assert "Sample completions" not in (tmp_path / "report.md").read_text()
+
+
+def test_benchmark_rows_carry_the_papers_numbers_beside_them(tmp_path):
+    results = {name: {"probability_familiarity": 0.1, "completion_familiarity": 0.0, "perplexity": 9.0, "benchmark:arc_easy": acc, "details": {}} for name, acc in (("baseline", 0.5), ("unlearned", 0.45))}
+    write_report(tmp_path, results, title="t")
+    report = (tmp_path / "report.md").read_text()
+    assert "arc_easy accuracy (lm-eval)" in report and "arc_easy 0.744 → 0.724" in report
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["models"]["unlearned"]["benchmark:arc_easy"] == 0.45
+    assert metrics["changes"]["benchmark:arc_easy"] == pytest.approx(-0.1)

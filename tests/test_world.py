@@ -60,6 +60,10 @@ def test_saga_heldout_is_unseen_saga_text_and_the_suite_points_at_the_files(worl
     suite = load_config(overrides=["out=x"], suite=world.suite).eval
     assert (suite.forget_set, suite.holdout_set) == (str(world.saga.resolve()), str(world.saga_heldout.resolve()))
     assert suite.probes == str(world.probes.resolve()) and suite.general_text == str(world.general_heldout.resolve())
+    assert suite.tasks == [], "a suite file runs the benchmarks it lists, none here"
+    from configs.schema import PAPER_TASKS
+
+    assert load_config(overrides=["out=x"]).eval.tasks == list(PAPER_TASKS), "without a suite: the paper's benchmarks"
 
 
 def test_heldout_differs_from_train(texts):
