@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -223,7 +224,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), suite
             path = Path(path)
             if not path.is_file():
                 raise UserError(f"config file not found: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            file_cfg = OmegaConf.load(path)
+            cfg = OmegaConf.merge(cfg, file_cfg)
+            for key in _required_by(file_cfg):  # "???" in the file: the user must give it (merge keeps the default)
+                OmegaConf.update(cfg, key, "???")
         if suite:
             cfg = OmegaConf.merge(cfg, {"eval": _suite(Path(suite))})
         if overrides:
@@ -237,10 +241,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), suite
         raise UserError(f"no value for {key}: pass --{key} or {key}=... (or set it in the config file)") from None
     except OmegaConfBaseException as e:
         raise UserError(f"bad config: {_first_line(e)}") from None
-    except ValueError as e:  # YAML syntax errors and malformed overrides
+    except (ValueError, yaml.YAMLError) as e:  # YAML syntax errors and malformed overrides
         raise UserError(f"bad config: {_first_line(e)}") from None
     run.validate()
     return run
+
+
+def _required_by(file_cfg) -> list[str]:
+    """Dotted keys a config file marks `???` (mandatory), at any depth."""
+    if not isinstance(file_cfg, DictConfig):
+        return []
+    found = []
+    for key in file_cfg:
+        if OmegaConf.is_missing(file_cfg, key):
+            found.append(str(key))
+        else:
+            found += [f"{key}.{inner}" for inner in _required_by(file_cfg[key])]
+    return found
 
 
 SUITE_PARTS = ("probes", "completions", "general_text", "forget_set", "tasks")

@@ -226,6 +226,20 @@ def bench_train(args, worker_counts, steps, out, **flags):
     click.echo(f"\nwrote {Path(out) / 'bench.csv'}")
 
 
+@cli.command(name="plan")
+@click.argument("config")
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--nodes", type=click.IntRange(min=1), required=True, help="nodes to plan for")
+@click.option("--gpus-per-node", type=click.IntRange(min=1), required=True, help="GPUs per node")
+@click.option("--gpu-mem", type=click.FloatRange(min=1), default=80.0, show_default=True, help="GiB per GPU")
+def plan_command(config, overrides, nodes, gpus_per_node, gpu_mem):
+    """Per-GPU memory of trainers and labelers for a config, whether it fits, the smallest node count
+    that does, offload options; from config.json shapes (or a built-in Llama table), no weights loaded."""
+    from launcher.plan import main_plan
+
+    click.echo(main_plan(config, nodes, gpus_per_node, gpu_mem, list(overrides)))
+
+
 @cli.command(name="profile-kernel", add_help_option=False, context_settings={"ignore_unknown_options": True})
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def profile_kernel(argv):

@@ -257,3 +257,15 @@ def test_eval_with_the_world_suite_reports_memorization_privacy_and_oracle_close
     assert metrics["models"]["unlearned"]["forget_quality"] == pytest.approx(1.0)  # the oracle is the same model
     assert (tmp_path / "run" / "report-memorization.png").is_file()
     assert "report-memorization.png" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_plan_command_and_a_malformed_config(tmp_path, capsys):
+    from configs import CONFIG_DIR
+
+    code, out, err = obliviate("plan", CONFIG_DIR / "llama2-7b.yaml", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem", "80", capsys=capsys)
+    assert code == 0, err
+    assert "verdict: fits on 1 node" in out
+    code, _, err = obliviate("plan", CONFIG_DIR / "llama2-70b.yaml", "--nodes", "4", "--gpus-per-node", "8", capsys=capsys)
+    assert_one_line_error(code, err, "ZeRO-3-sharded labelers are not supported yet")
+    code, _, err = obliviate("run", write(tmp_path / "bad.yaml", "unlearn: [1,\n lr"), "--out", tmp_path / "run", capsys=capsys)
+    assert_one_line_error(code, err, "bad config")

@@ -1,0 +1,362 @@
+"""Will a config fit on a cluster? Per-GPU memory of the trainer ranks and the labelers (`obliviate plan`).
+
+    obliviate plan configs/llama2-7b.yaml --nodes 1 --gpus-per-node 8 --gpu-mem 80
+
+Estimates, before any GPU is rented; no weights are read (a model directory's config.json at most):
+
+- **trainer model states**: DeepSpeed's own ZeRO-3 estimator (`estimate_zero3_model_states_mem_needs`,
+  no offload, zero_init, buffer factor 1.5): 4·largest_layer + 18·params / ranks bytes per GPU.
+  "Largest layer" is DeepSpeed's own notion (`model_to_params`: the module with the most parameters of
+  its own), for a Llama the embedding or LM-head matrix, vocab·hidden. That reproduces the design notes'
+  Llama-2-7B on 8 GPUs ≈ 14.6 GiB. The estimator's GPU figure depends on the number of ranks only, so it
+  is called with one GPU per "node" and `num_nodes` = ranks: its CPU figure is then per rank, and this
+  module multiplies it by the ranks on the busiest node.
+- **trainer activations** (per rank, no activation checkpointing, SDPA flash / memory-efficient
+  attention, so no s² term): per token and per layer 20·h + 4·kv_dim + 8·I bytes in bf16, the tensors
+  autograd keeps for a Hugging Face Llama decoder layer (counted with saved-tensor hooks; tests/test_plan.py
+  re-counts it). Korthikanti et al. 2022's 34·h (GPT layer, 4h GeLU MLP) is 25% low for Llama-2-7B:
+  SwiGLU keeps four I-wide tensors and RMSNorm keeps fp32 copies. Doubled for float32. Plus the loss at
+  the LM head: 12 bytes per token per vocabulary entry (bf16 logits, their shifted copy, the fp32 copy
+  and the fp32 log-probabilities kept for backward). Tokens = micro_batch_size · labels.context_length,
+  the larger micro-batch of the phases that run (reinforce is skipped when `reinforced` is given).
+- **labeler** (one GPU each, unsharded): the frozen baseline and reinforced model (2 bytes a parameter
+  each in bf16, 4 in float32); one forward's working set at labels.batch_size blocks, width·(4h + 3I)
+  bytes a token (a layer's input and normed input, SwiGLU's gate/up/product), plus both models' final
+  hidden states (the kernel's inputs); and the label kernel's workspace from
+  `kernels.profile.extra_bytes_estimate` for labels.impl ("auto" counts the larger, chunked, path).
+- **fits** when a GPU's total stays under `gpu_mem_gib` less 10% headroom (CUDA context, NCCL buffers,
+  allocator fragmentation). `gpu_mem_gib` is GiB as the device reports it (an "80 GB" H100 shows 79.2).
+
+The plan uses the config's engine.workers and engine.labelers. The smallest node count uses every GPU
+that is not a labeler for the trainer (workers = nodes · gpus_per_node − labelers); the labeler's need
+does not change with nodes. Labelers are never sharded here: a model whose two frozen copies do not fit
+on one GPU cannot be planned (ZeRO-3-sharded labelers are not supported yet).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from configs import RunConfig, load_config
+from engine.errors import UserError
+
+GIB = float(1 << 30)
+HEADROOM = 0.10  # of the GPU's memory, kept free for the CUDA context, NCCL and fragmentation
+MAX_NODES = 64  # the smallest-node search stops here
+LOGIT_BYTES = 12  # per token per vocabulary entry at the loss (see the module docstring)
+FORBIDDEN_PER_ROW = 1  # forbidden ids per row passed to the kernel estimate (only `reference` depends on it)
+
+# name -> hidden, layers, attention heads, key/value heads, MLP intermediate size, vocabulary (the HF configs)
+LLAMAS = {
+    "llama2-7b": (4096, 32, 32, 32, 11008, 32000),
+    "llama2-13b": (5120, 40, 40, 40, 13824, 32000),
+    "llama2-70b": (8192, 80, 64, 8, 28672, 32000),
+    "llama3-8b": (4096, 32, 32, 8, 14336, 128256),
+    "llama3-70b": (8192, 80, 64, 8, 28672, 128256),
+}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-architecture model's dimensions and parameter counts (DeepSpeed's `largest_layer_params`)."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    params: int
+    largest_layer_params: int
+    tie_embeddings: bool = False
+    head_dim: int = 0  # 0: hidden // heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
+
+
+def llama_shape(name: str, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+                tie_embeddings: bool = False, head_dim: int = 0, attention_bias: bool = False, mlp_bias: bool = False) -> Shape:
+    """A `Shape` with its parameters counted by the Llama formula: embeddings; per layer q/o (heads·head_dim)
+    and k/v (kv_heads·head_dim) projections, gate/up/down MLP and two RMSNorm vectors; the final norm; the
+    LM head unless tied to the embeddings."""
+    hd = head_dim or hidden // heads
+    q, kv = heads * hd, kv_heads * hd
+    attention = 2 * hidden * q + 2 * hidden * kv + ((q + 2 * kv + hidden) if attention_bias else 0)
+    mlp = 3 * hidden * intermediate + ((2 * intermediate + hidden) if mlp_bias else 0)
+    params = vocab * hidden * (1 if tie_embeddings else 2) + layers * (attention + mlp + 2 * hidden) + hidden
+    largest = max(vocab * hidden, hidden * intermediate + (intermediate if mlp_bias else 0),  # one module's own
+                  hidden * q + (max(q, hidden) if attention_bias else 0))  # weights and bias: q or o projection
+    return Shape(name, hidden, layers, heads, kv_heads, intermediate, vocab, params, largest, tie_embeddings, head_dim)
+
+
+def model_shape(baseline: str) -> Shape:
+    """From a model directory's config.json (no weights loaded), else from the built-in table (LLAMAS)."""
+    known = ", ".join(LLAMAS)
+    if not baseline:
+        raise UserError(f"plan needs a baseline: baseline=DIR (a Hugging Face model directory) or one of {known}")
+    path = Path(baseline).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise UserError(f"no config.json in {path}: give a Hugging Face model directory or one of {known}")
+        try:
+            c = json.loads(config.read_text())
+            heads = int(c["num_attention_heads"])
+            return llama_shape(path.name, int(c["hidden_size"]), int(c["num_hidden_layers"]), heads,
+                               int(c.get("num_key_value_heads") or heads), int(c["intermediate_size"]), int(c["vocab_size"]),
+                               bool(c.get("tie_word_embeddings", False)), int(c.get("head_dim") or 0),
+                               bool(c.get("attention_bias", False)), bool(c.get("mlp_bias", False)))
+        except KeyError as e:
+            raise UserError(f"{config} has no {e.args[0]!r}: not a Llama-architecture config") from None
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise UserError(f"cannot read {config}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    key = baseline.strip().lower()
+    if key in LLAMAS:
+        return llama_shape(key, *LLAMAS[key])
+    raise UserError(f"unknown model {baseline!r}: give a model directory with a config.json, or one of {known}")
+
+
+# ---------------------------------------------------------------- estimates
+
+def zero3_states_gib(shape: Shape, ranks: int, offload_optimizer: bool = False, offload_params: bool = False) -> tuple[float, float]:
+    """(GPU GiB per rank, CPU GiB per rank) of ZeRO-3 model states over `ranks` GPUs, from DeepSpeed's estimator."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        shape.params, shape.largest_layer_params, num_gpus_per_node=1, num_nodes=ranks,
+        cpu_offload=offload_optimizer, cpu_offload_params=offload_params, zero_init=True, additional_buffer_factor=1.5)
+    return gpu / GIB, cpu / GIB
+
+
+def trainer_activations_bytes(shape: Shape, tokens: int, width: int = 2) -> tuple[int, int]:
+    """(decoder layers, loss at the LM head) activation bytes of one rank's forward + backward over `tokens`."""
+    per_token_layer = 20 * shape.hidden + 4 * shape.kv_dim + 8 * shape.intermediate
+    return shape.layers * per_token_layer * tokens * width // 2, LOGIT_BYTES * shape.vocab * tokens
+
+
+def labeler_bytes(shape: Shape, tokens: int, impl: str, alphas: int, width: int = 2) -> tuple[int, int, int]:
+    """(two frozen models, one forward's activations + both final hidden states, label kernel workspace)."""
+    import torch
+
+    from kernels.profile import extra_bytes_estimate
+
+    models = 2 * shape.params * width
+    forward = tokens * width * (4 * shape.hidden + 3 * shape.intermediate) + 2 * tokens * shape.hidden * width
+    dtype = torch.bfloat16 if width == 2 else torch.float32
+    kernel = extra_bytes_estimate(impl, tokens, shape.hidden, shape.vocab, dtype, alphas, FORBIDDEN_PER_ROW)
+    return models, forward, kernel
+
+
+# ---------------------------------------------------------------- the plan
+
+@dataclass
+class Offload:
+    """The trainer with part of ZeRO-3's model states in CPU memory (DeepSpeed's estimate)."""
+
+    what: str
+    gpu_gib: float  # trainer total per GPU, activations included
+    cpu_gib_per_node: float
+    fits: bool
+
+
+@dataclass
+class Plan:
+    shape: Shape
+    nodes: int
+    gpus_per_node: int
+    gpu_mem_gib: float
+    usable_gib: float
+    workers: int
+    labelers: int
+    micro_batch: int
+    block: int
+    label_batch: int
+    label_impl: str
+    dtype: str
+    batches: dict[str, tuple[int, int]]  # phase -> (micro, accum): effective batch = micro × accum × workers
+    trainer_states_gib: float
+    trainer_layers_gib: float
+    trainer_loss_gib: float
+    trainer_cpu_gib_per_node: float
+    labeler_models_gib: float
+    labeler_forward_gib: float
+    labeler_kernel_gib: float
+    min_nodes: int | None  # smallest node count whose trainer fits (workers = nodes·gpus_per_node − labelers)
+    min_nodes_workers: int
+    offload: list[Offload] = field(default_factory=list)  # only when the trainer does not fit
+    max_micro_batch: int = 0  # largest micro-batch that fits this layout when the configured one does not
+
+    @property
+    def trainer_gib(self) -> float:
+        return self.trainer_states_gib + self.trainer_layers_gib + self.trainer_loss_gib
+
+    @property
+    def labeler_gib(self) -> float:
+        return self.labeler_models_gib + self.labeler_forward_gib + self.labeler_kernel_gib
+
+    @property
+    def trainer_fits(self) -> bool:
+        return self.trainer_gib <= self.usable_gib
+
+    @property
+    def labeler_fits(self) -> bool:
+        return self.labeler_gib <= self.usable_gib
+
+    @property
+    def fits(self) -> bool:
+        return self.trainer_fits and self.labeler_fits
+
+    @property
+    def verdict(self) -> str:
+        where = f"{_nodes(self.nodes)} × {self.gpus_per_node} GPUs × {self.gpu_mem_gib:g} GiB"
+        usable = f"{self.usable_gib:.1f} usable"
+        if self.fits:
+            text = (f"fits on {where}: trainer {self.trainer_gib:.1f} GiB, labeler {self.labeler_gib:.1f} GiB per GPU"
+                    f" of {usable}")
+            idle = self.nodes * self.gpus_per_node - self.workers - self.labelers
+            return text + (f"; {idle} GPU(s) idle (engine.workers={self.workers + idle} would use them)" if idle else "")
+        parts = []
+        if not self.trainer_fits:
+            part = f"the trainer needs {self.trainer_gib:.1f} GiB per GPU of {usable}"
+            if self.min_nodes is None:
+                part += f"; no layout up to {MAX_NODES} nodes fits it: lower micro_batch_size or offload"
+            elif self.min_nodes == self.nodes and self.min_nodes_workers > self.workers:
+                part += f"; engine.workers={self.min_nodes_workers} (every GPU) fits here"
+            else:
+                part += f"; it fits from {_nodes(self.min_nodes)} with engine.workers={self.min_nodes_workers}"
+            parts.append(part)
+        if not self.labeler_fits:
+            parts.append(f"a labeler needs {self.labeler_gib:.1f} GiB of {usable}: lower labels.batch_size")
+        return f"does not fit on {where}: " + "; ".join(parts)
+
+
+def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_gib: float) -> Plan:
+    """Per-GPU memory of the config's trainer ranks and labelers on `nodes` × `gpus_per_node` GPUs of `gpu_mem_gib`."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise UserError(f"a cluster needs at least 1 node and 1 GPU per node, got {nodes} node(s) × {gpus_per_node} GPU(s)")
+    if not (gpu_mem_gib > 0 and math.isfinite(gpu_mem_gib)):
+        raise UserError(f"GPU memory must be a positive number of GiB, got {gpu_mem_gib}")
+    engine, total = cfg.engine, nodes * gpus_per_node
+    workers, labelers = engine.workers, engine.labelers
+    if labelers >= total:
+        raise UserError(f"engine.labelers={labelers} leaves no GPU for the trainer on {nodes} node(s) × {gpus_per_node} GPUs")
+    if workers < 1:
+        raise UserError(f"engine.workers={workers} trains in this process without DeepSpeed: plan needs trainer ranks "
+                        f"(engine.workers={total - labelers} uses every GPU that is not a labeler)")
+    width = 2 if cfg.dtype == "bfloat16" else 4
+    models_gib = 2 * shape.params * width / GIB
+    if models_gib > gpu_mem_gib:
+        raise UserError(f"{shape.name}: an unsharded labeler needs its two frozen {cfg.dtype} models on one GPU "
+                        f"({models_gib:.1f} GiB > {gpu_mem_gib:g} GiB); ZeRO-3-sharded labelers are not supported yet")
+    if workers + labelers > total:
+        need = math.ceil((workers + labelers) / gpus_per_node)
+        raise UserError(f"engine.workers={workers} + engine.labelers={labelers} need {workers + labelers} GPUs but "
+                        f"{nodes} node(s) × {gpus_per_node} have {total}: pass --nodes {need} or engine.workers={total - labelers}")
+
+    usable = gpu_mem_gib * (1 - HEADROOM)
+    block = cfg.labels.context_length
+    batches = {"unlearn": (cfg.unlearn.micro_batch_size, cfg.unlearn.grad_accum)}
+    if not cfg.reinforced:
+        batches = {"reinforce": (cfg.reinforce.micro_batch_size, cfg.reinforce.grad_accum), **batches}
+    micro = max(m for m, _ in batches.values())
+
+    def trainer_total(ranks: int, micro_batch: int, offload=(False, False)) -> float:
+        layers, loss = trainer_activations_bytes(shape, micro_batch * block, width)
+        return zero3_states_gib(shape, ranks, *offload)[0] + (layers + loss) / GIB
+
+    states_gib, cpu_per_rank = zero3_states_gib(shape, workers)
+    layers_b, loss_b = trainer_activations_bytes(shape, micro * block, width)
+    models_b, forward_b, kernel_b = labeler_bytes(shape, cfg.labels.batch_size * block, cfg.labels.impl, len(cfg.labels.alphas), width)
+    min_nodes = next((n for n in range(1, MAX_NODES + 1)
+                      if n * gpus_per_node > labelers and trainer_total(n * gpus_per_node - labelers, micro) <= usable), None)
+    result = Plan(
+        shape=shape, nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=gpu_mem_gib, usable_gib=usable,
+        workers=workers, labelers=labelers, micro_batch=micro, block=block, label_batch=cfg.labels.batch_size,
+        label_impl=cfg.labels.impl, dtype=cfg.dtype, batches=batches,
+        trainer_states_gib=states_gib, trainer_layers_gib=layers_b / GIB, trainer_loss_gib=loss_b / GIB,
+        trainer_cpu_gib_per_node=cpu_per_rank * min(workers, gpus_per_node),
+        labeler_models_gib=models_b / GIB, labeler_forward_gib=forward_b / GIB, labeler_kernel_gib=kernel_b / GIB,
+        min_nodes=min_nodes, min_nodes_workers=min_nodes * gpus_per_node - labelers if min_nodes else 0,
+    )
+    if not result.trainer_fits:
+        per_node = min(workers, gpus_per_node)
+        for what, flags in (("optimizer → CPU", (True, False)), ("optimizer + parameters → CPU", (True, True))):
+            gpu = trainer_total(workers, micro, flags)
+            result.offload.append(Offload(what, gpu, zero3_states_gib(shape, workers, *flags)[1] * per_node, gpu <= usable))
+        result.max_micro_batch = next((m for m in range(micro - 1, 0, -1) if trainer_total(workers, m) <= usable), 0)
+    return result
+
+
+# ---------------------------------------------------------------- output
+
+def format_plan(p: Plan) -> str:
+    """A table (component, GiB per GPU, fits?), the effective batches, suggestions, and the one-line verdict."""
+    s = p.shape
+    yes = {True: "yes", False: "NO"}
+    rows = [
+        (f"trainer: ZeRO-3 model states over {p.workers} ranks", p.trainer_states_gib, ""),
+        (f"trainer: activations, {p.micro_batch} × {p.block} tokens", p.trainer_layers_gib, ""),
+        (f"trainer: logits + loss ({s.vocab:,} vocab)", p.trainer_loss_gib, ""),
+        ("trainer: total per GPU", p.trainer_gib, yes[p.trainer_fits]),
+        (f"labeler: baseline + reinforced ({p.dtype})", p.labeler_models_gib, ""),
+        (f"labeler: forward, {p.label_batch} × {p.block} tokens", p.labeler_forward_gib, ""),
+        (f"labeler: label kernel ({p.label_impl})", p.labeler_kernel_gib, ""),
+        ("labeler: total per GPU", p.labeler_gib, yes[p.labeler_fits]),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [
+        f"{s.name}: {s.params / 1e9:.2f}B parameters (hidden {s.hidden}, {s.layers} layers, {s.heads}/{s.kv_heads} heads, vocab {s.vocab:,})",
+        f"cluster: {_nodes(p.nodes)} × {p.gpus_per_node} GPUs × {p.gpu_mem_gib:g} GiB ({p.usable_gib:.1f} GiB usable, "
+        f"{HEADROOM:.0%} headroom); {p.workers} trainer ranks + {p.labelers} labeler{'s' * (p.labelers > 1)}, one GPU each",
+        "",
+        f"{'component':<{width}}  {'GiB/GPU':>8}  fits?",
+        f"{'-' * width}  {'-' * 8}  -----",
+        *(f"{name:<{width}}  {gib:8.1f}  {fit}".rstrip() for name, gib, fit in rows),
+        "",
+        "effective batch (micro × accum × workers): " + ", ".join(
+            f"{phase} {m} × {a} × {p.workers} = {m * a * p.workers} blocks" for phase, (m, a) in p.batches.items()),
+        f"trainer CPU memory per node (DeepSpeed, no offload): {p.trainer_cpu_gib_per_node:.1f} GiB",
+    ]
+    if p.min_nodes is not None:
+        lines.append(f"smallest cluster for the trainer: {_nodes(p.min_nodes)} with engine.workers={p.min_nodes_workers}")
+    for o in p.offload:
+        lines.append(f"offload {o.what}: trainer {o.gpu_gib:.1f} GiB per GPU ({yes[o.fits].lower()}), "
+                     f"{o.cpu_gib_per_node:.0f} GiB CPU per node (engine.deepspeed: a JSON with zero_optimization.offload_*)")
+    if not p.trainer_fits:
+        lines.append(f"micro_batch_size={p.max_micro_batch} fits this layout (raise grad_accum to keep the batch)"
+                     if p.max_micro_batch else "no micro-batch fits this layout without offload")
+    lines.append(f"verdict: {p.verdict}")
+    return "\n".join(lines)
+
+
+def _nodes(n: int) -> str:
+    return f"{n} node{'s' * (n != 1)}"
+
+
+def main_plan(config_path: str | Path, nodes: int, gpus_per_node: int, gpu_mem_gib: float, overrides: list[str] = ()) -> str:
+    """`obliviate plan CONFIG --nodes N --gpus-per-node G --gpu-mem GIB [KEY=VALUE]...`: the formatted plan.
+
+    `out` is not needed to plan (a placeholder fills it). When the config leaves `baseline` unset and is
+    named after a built-in shape (configs/llama2-7b.yaml), that shape is planned; baseline=DIR overrides.
+    """
+    overrides = list(overrides)
+    path = Path(config_path)
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    extra = [] if "out" in given else ["out=plan"]
+    if "baseline" not in given and path.stem.lower() in LLAMAS and path.is_file():
+        try:
+            raw = OmegaConf.load(path)
+        except Exception:  # noqa: BLE001 - load_config below reports a bad file in one line
+            raw = None
+        if isinstance(raw, DictConfig) and ("baseline" not in raw or not raw["baseline"]):  # `???` reads as absent
+            extra.append(f"baseline={path.stem.lower()}")
+    cfg = load_config(path, extra + overrides)
+    return format_plan(plan(cfg, model_shape(cfg.baseline), nodes, gpus_per_node, gpu_mem_gib))
