@@ -240,6 +240,62 @@ def plan_command(config, overrides, nodes, gpus_per_node, gpu_mem):
     click.echo(main_plan(config, nodes, gpus_per_node, gpu_mem, list(overrides)))
 
 
+@cli.command(name="submit", context_settings={"ignore_unknown_options": True})
+@click.option("--nodes", type=click.IntRange(min=1), required=True, help="nodes to allocate: one Ray node each, the head on the first")
+@click.option("--gpus-per-node", type=click.IntRange(min=0), required=True, help="GPUs per node (0: a CPU job)")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=None, help="CPUs per node for Ray (otherwise SLURM gives one; or --sbatch=--exclusive)")
+@click.option("--partition", default=None, help="SLURM partition")
+@click.option("--time", "time_limit", default=None, help="time limit, e.g. 2-00:00:00 (the job checkpoints and requeues 120 s before it)")
+@click.option("--account", default=None, help="SLURM account")
+@click.option("--job-name", default="obliviate", show_default=True, help="SLURM job name")
+@click.option("--sbatch", "extra_sbatch", multiple=True, metavar="OPTION", help="one more #SBATCH line, e.g. --sbatch=--constraint=h100 (repeatable)")
+@click.option("--dry-run", is_flag=True, help="write RUN/slurm/job.sbatch and print it; submit nothing")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[COMMAND] [CONFIG.yaml] [ARGS]...")
+def submit_command(command, nodes, gpus_per_node, cpus_per_task, partition, time_limit, account, job_name, extra_sbatch, dry_run):
+    """Run an obliviate command as a SLURM batch job: a Ray cluster over the nodes (head on the first), the
+    command against it. COMMAND: run (the default), reinforce, unlearn, demo; its own flags follow."""
+    from launcher import slurm
+
+    argv = slurm.normalize_command(command)
+    slurm.check_command(argv)
+    ctx = click.get_current_context()
+    sub = cli.get_command(ctx, argv[0])
+    with sub.make_context(argv[0], list(argv[1:]), parent=ctx) as sub_ctx:  # bad flags or config fail now, not in the queue
+        params = dict(sub_ctx.params)
+    params.pop("overwrite", None)
+    params.pop("resume", None)
+    cfg = _config(params.pop("args"), CONFIG_DIR / "demo.yaml" if argv[0] == "demo" else None, **params)
+    slurm.check_fits(argv[0], cfg.engine.workers, cfg.engine.labelers, nodes, gpus_per_node)
+    run_dir = Path(cfg.out)
+    script = slurm.render(argv, nodes, gpus_per_node, partition, time_limit, account, job_name, extra_sbatch, cpus_per_task=cpus_per_task, run_dir=run_dir)
+    result = slurm.submit(script, run_dir, dry_run)
+    if dry_run:
+        click.echo(result)
+        click.echo(f"wrote {run_dir / 'slurm' / 'job.sbatch'}: submit it with sbatch", err=True)
+    else:
+        click.echo(f"submitted job {result}; follow it with: obliviate status {run_dir}; obliviate logs {run_dir}")
+
+
+@cli.command(name="status")
+@click.argument("job")
+def status_command(job):
+    """A submitted job's state (JOB: a job id, or a run directory for its latest job): squeue, else sacct."""
+    from launcher.slurm import status
+
+    click.echo(status(job))
+
+
+@cli.command(name="logs")
+@click.argument("run", type=click.Path(path_type=Path))
+@click.option("--job", "job_id", default=None, help="job id (default: the newest in RUN/slurm-logs)")
+@click.option("--lines", "-n", type=click.IntRange(min=0), default=100, show_default=True, help="last lines of each file (0: all)")
+def logs_command(run, job_id, lines):
+    """The tail of a job's stdout and stderr from RUN/slurm-logs."""
+    from launcher.slurm import logs
+
+    click.echo(logs(run, job_id, lines))
+
+
 @cli.command(name="profile-kernel", add_help_option=False, context_settings={"ignore_unknown_options": True})
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def profile_kernel(argv):

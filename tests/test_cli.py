@@ -269,3 +269,19 @@ def test_plan_command_and_a_malformed_config(tmp_path, capsys):
     assert_one_line_error(code, err, "ZeRO-3-sharded labelers are not supported yet")
     code, _, err = obliviate("run", write(tmp_path / "bad.yaml", "unlearn: [1,\n lr"), "--out", tmp_path / "run", capsys=capsys)
     assert_one_line_error(code, err, "bad config")
+
+
+def test_submit_dry_run_renders_a_valid_script_bound_to_no_public_address(tmp_path, capsys):
+    from configs import CONFIG_DIR
+
+    run = tmp_path / "run"
+    argv = ["submit", CONFIG_DIR / "llama2-7b.yaml", "--baseline", "/models/llama-2-7b", "--target", "/data/books", "--anchors", "/data/anchors.yaml", "--out", run]
+    code, out, err = obliviate(*argv, "--nodes", "1", "--gpus-per-node", "8", "--partition", "gpu", "--time", "04:00:00", "--dry-run", capsys=capsys)
+    assert code == 0, err
+    script = (run / "slurm" / "job.sbatch").read_text()
+    assert script == out.rstrip("\n") or script.rstrip("\n") == out.rstrip("\n")
+    assert subprocess.run(["bash", "-n", str(run / "slurm" / "job.sbatch")]).returncode == 0
+    assert "0.0.0.0" not in script and "#SBATCH --nodes=1" in script and "#SBATCH --gpus-per-node=8" in script
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --requeue" in script
+    code, _, err = obliviate(*argv, "--nodes", "1", "--gpus-per-node", "4", "--dry-run", capsys=capsys)
+    assert code == 2 and "obliviate: error:" in err and "Traceback" not in err  # 4 ranks + 4 labelers need 8 GPUs

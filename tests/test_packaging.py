@@ -24,5 +24,5 @@ def test_console_script_is_installed_and_answers_help():
     assert exe.is_file(), "no `obliviate` console script beside this Python: install the project (make install)"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for command in ("demo", "run", "reinforce", "labels", "unlearn", "eval", "anchors", "bench-train", "profile-kernel", "plan"):
+    for command in ("demo", "run", "reinforce", "labels", "unlearn", "eval", "anchors", "bench-train", "profile-kernel", "plan", "submit", "status", "logs"):
         assert command in out.stdout
