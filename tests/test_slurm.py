@@ -438,8 +438,10 @@ def test_requeued_job_resumes(job):
     assert "--resume" not in j.driver_argv() and "starts over" in proc.stderr
 
 
-def test_sigterm_is_forwarded_and_the_job_requeues(job):
-    j = job(STUB_DRIVER="term")
+@pytest.mark.parametrize("state, requeued", [("RUNNING", True), ("CANCELLED", False)])
+def test_sigterm_is_forwarded_and_only_a_running_job_requeues(job, state, requeued):
+    """Preemption (the job still RUNNING) requeues; a scancel (CANCELLED) must not bring the job back."""
+    j = job(STUB_DRIVER="term", STUB_JOB_STATE=state)
     proc = j.start(*COMMAND)
     deadline = time.monotonic() + 60
     while not (j.log / "driver.ready").exists():
@@ -449,20 +451,11 @@ def test_sigterm_is_forwarded_and_the_job_requeues(job):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert j.read("driver.term")
-    assert j.read("requeue").split() == ["requeue", str(JOB_ID)]
-    assert j.read("ray-head.stopped") and not j.job_tmp.exists()
-
-
-def test_sigterm_of_a_cancelled_job_does_not_requeue(job):
-    j = job(STUB_DRIVER="term", STUB_JOB_STATE="CANCELLED")
-    proc = j.start(*COMMAND)
-    deadline = time.monotonic() + 60
-    while not (j.log / "driver.ready").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and not j.read("requeue") and "not requeueing" in err
+    if requeued:
+        assert j.read("requeue").split() == ["requeue", str(JOB_ID)]
+        assert j.read("ray-head.stopped") and not j.job_tmp.exists()
+    else:
+        assert not j.read("requeue") and "not requeueing" in err
 
 
 def test_driver_exit_code_is_the_jobs(job):
