@@ -78,19 +78,19 @@ class QueuedLabels:
         self._scalars: dict[str, float] = {}
 
     def __call__(self, block_ids: torch.Tensor) -> torch.Tensor:
-        by_block, rate = {}, 0.0
+        parts = []
         for index, queue in enumerate(self.queues):
             try:
-                ids, labels, labeler_rate = queue.get(timeout=self.timeout)
+                parts.append(queue.get(timeout=self.timeout))
             except Empty:
                 raise RuntimeError(f"no labels from labeler {index} within {self.timeout:g} s (engine.label_timeout_s)") from None
-            by_block.update(zip(ids.tolist(), labels))
-            rate += labeler_rate
-        if by_block.keys() != set(block_ids.tolist()):
+        ids = torch.cat([part_ids for part_ids, _, _ in parts])
+        labels = torch.cat([part_labels for _, part_labels, _ in parts])  # [n, L] even when n = 0
+        if set(ids.tolist()) != set(block_ids.tolist()):
             raise RuntimeError("the label stream is out of step with the trainer (different blocks)")
-        self._scalars = {"labeler_tokens_per_s": rate, "label_queue_depth": float(sum(q.qsize() for q in self.queues))}
-        width = (len(block_ids), next(iter(by_block.values())).numel() if by_block else 0)
-        return torch.stack([by_block[i] for i in block_ids.tolist()]).long() if by_block else torch.empty(width, dtype=torch.long)
+        self._scalars = {"labeler_tokens_per_s": sum(rate for _, _, rate in parts), "label_queue_depth": float(sum(q.qsize() for q in self.queues))}
+        row = {block: i for i, block in enumerate(ids.tolist())}  # a block repeated in a step has one label row
+        return labels[[row[block] for block in block_ids.tolist()]].long()
 
     def scalars(self) -> dict[str, float]:
         return self._scalars
@@ -168,7 +168,8 @@ class RayTrainer:
     def train(self, job: TrainJob, resume: bool) -> PhaseResult:
         self._connect()
         with StopFlag().installed() as stop:
-            for attempt in range(self.cfg.max_restarts + 1):
+            attempt = 0
+            while True:
                 try:
                     return self._attempt(job, resume or attempt > 0, stop)
                 except WorkerLost as exc:
@@ -176,8 +177,8 @@ class RayTrainer:
                         raise Interrupted(f"{job.phase} interrupted ({exc}); the latest checkpoint is at step {latest_step(job.checkpoint_dir)}: rerun the same command with --resume", stop.signum) from exc
                     if attempt == self.cfg.max_restarts:
                         raise RunFailed(f"{job.phase}: {exc}; gave up after {attempt} restart(s) (engine.max_restarts)") from exc
-                    log.warning("%s: %s; restarting from step %d (restart %d of %d)", job.phase, exc, latest_step(job.checkpoint_dir), attempt + 1, self.cfg.max_restarts)
-        raise AssertionError("unreachable")
+                    attempt += 1
+                    log.warning("%s: %s; restarting from step %d (restart %d of %d)", job.phase, exc, latest_step(job.checkpoint_dir), attempt, self.cfg.max_restarts)
 
     def _attempt(self, job: TrainJob, resume: bool, stop: StopFlag) -> PhaseResult:
         cfg = self.cfg
