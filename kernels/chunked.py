@@ -88,7 +88,7 @@ def generic_labels_chunked(hb, wb, hr, wr, alphas, forbidden=None, *, return_sta
             if return_stats:
                 lse[:, i] = torch.logaddexp(lse[:, i], torch.logsumexp(mixed, dim=1))
 
-    return settle_forbidden(best, arg, lse, row_sum / v, r_forbidden, forbidden, alphas, return_stats)
+    return settle_forbidden(best, arg, lse, row_mean(row_sum, v), r_forbidden, forbidden, alphas, return_stats)
 
 
 class _ForbiddenPairs:
@@ -107,6 +107,15 @@ class _ForbiddenPairs:
         if lo == hi:
             return None, None, None
         return self.rows[lo:hi], self.ks[lo:hi], self.ids[lo:hi] - index * self.width
+
+
+def row_mean(row_sum: torch.Tensor, count: int) -> torch.Tensor:
+    """row_sum / count, correctly rounded on every device (all paths share it, so their means agree bit for bit).
+
+    Dividing a CUDA tensor by a Python number multiplies by the reciprocal: 246 / 123 comes out 1 ulp below 2.
+    A tensor divisor takes the IEEE division path.
+    """
+    return row_sum / torch.full_like(row_sum, count)
 
 
 def settle_forbidden(best, arg, lse, mean, r_forbidden, forbidden, alphas, return_stats):

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.chunked import same_tensor, settle_forbidden
+from kernels.chunked import row_mean, same_tensor, settle_forbidden
 from kernels.mixing import interpreter_requested
 
 try:
@@ -259,7 +259,7 @@ def generic_labels_triton(hb, wb, hr, wr, alphas, forbidden=None, *, return_stat
         _kernel[lambda cfg: (triton.cdiv(n, cfg["BLOCK_N"]) * splits,)](*args, **meta)
 
     best, arg, lse = _reduce_splits(part_max, part_arg, part_lse if return_stats else None)
-    mean = part_sum.sum(dim=1) / v
+    mean = row_mean(part_sum.sum(dim=1), v)
     r_forbidden = r_forb[:, : forbidden.shape[1]] if forbidden is not None else None
     return settle_forbidden(best, arg, lse, mean, r_forbidden, forbidden, alphas, return_stats)
 

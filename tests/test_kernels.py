@@ -215,7 +215,7 @@ def test_cases_do_what_they_claim(dtype):
     assert (flip.run("reference", alphas) != flip.rows["baseline_winner"][:, None].to(DEVICE)).all()
 
     blocked = make_case("forbidden_blocked", dtype)
-    assert (blocked.run("reference", alphas) != blocked.rows["blocked"]).all()
+    assert (blocked.run("reference", alphas) != blocked.rows["blocked"].to(DEVICE)).all()
 
     via_mean = make_case("via_mean", dtype)
     labels, _, best = via_mean.run("reference", alphas, return_stats=True)
