@@ -250,8 +250,9 @@ def plan_command(config, overrides, nodes, gpus_per_node, gpu_mem):
 @click.option("--job-name", default="obliviate", show_default=True, help="SLURM job name")
 @click.option("--sbatch", "extra_sbatch", multiple=True, metavar="OPTION", help="one more #SBATCH line, e.g. --sbatch=--constraint=h100 (repeatable)")
 @click.option("--dry-run", is_flag=True, help="write RUN/slurm/job.sbatch and print it; submit nothing")
+@click.option("--wait", is_flag=True, help="block until the job ends (requeues included) and exit with its exit code")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[COMMAND] [CONFIG.yaml] [ARGS]...")
-def submit_command(command, nodes, gpus_per_node, cpus_per_task, partition, time_limit, account, job_name, extra_sbatch, dry_run):
+def submit_command(command, nodes, gpus_per_node, cpus_per_task, partition, time_limit, account, job_name, extra_sbatch, dry_run, wait):
     """Run an obliviate command as a SLURM batch job: a Ray cluster over the nodes (head on the first), the
     command against it. COMMAND: run (the default), reinforce, unlearn, demo; its own flags follow."""
     from launcher import slurm
@@ -268,12 +269,19 @@ def submit_command(command, nodes, gpus_per_node, cpus_per_task, partition, time
     slurm.check_fits(argv[0], cfg.engine.workers, cfg.engine.labelers, nodes, gpus_per_node)
     run_dir = Path(cfg.out)
     script = slurm.render(argv, nodes, gpus_per_node, partition, time_limit, account, job_name, extra_sbatch, cpus_per_task=cpus_per_task, run_dir=run_dir)
-    result = slurm.submit(script, run_dir, dry_run)
+    follow = f"follow it with: obliviate status {run_dir}; obliviate logs {run_dir}"
     if dry_run:
-        click.echo(result)
+        click.echo(slurm.submit(script, run_dir, dry_run=True))
         click.echo(f"wrote {run_dir / 'slurm' / 'job.sbatch'}: submit it with sbatch", err=True)
+    elif wait:
+        def queued(job_id: str) -> None:
+            click.echo(f"submitted job {job_id}, waiting for it to end; {follow}")
+
+        code = slurm.submit_and_wait(script, run_dir, queued)
+        click.echo(f"the job ended with exit code {code}", err=True)
+        sys.exit(code)
     else:
-        click.echo(f"submitted job {result}; follow it with: obliviate status {run_dir}; obliviate logs {run_dir}")
+        click.echo(f"submitted job {slurm.submit(script, run_dir, dry_run=False)}; {follow}")
 
 
 @cli.command(name="status")

@@ -219,6 +219,7 @@ class RayTrainer:
                     labeler_refs.append(ref)
                     named[ref] = f"labeler {i} (pid {pid})"
             log.info("%s: %d trainer rank(s) on pids %s%s%s", job.phase, cfg.workers, group.pids(), "".join(f", {named[r]}" for r in labeler_refs), f", resuming at step {first_step}" if first_step else "")
+            log.info("%s: trainer ranks on Ray nodes %s", job.phase, group.node_ips())
             refs = group.start(_train_on_rank, job, queues, control, resume, cfg.label_timeout_s)
             named.update(zip(refs, group.names()))
             bar = stack.enter_context(tqdm(desc=job.phase, unit="step", initial=first_step, dynamic_ncols=True))

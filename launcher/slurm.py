@@ -3,6 +3,7 @@
     script = render(["run", "configs/llama2-7b.yaml", "--baseline", "DIR", "--out", "RUN"], nodes=2,
                     gpus_per_node=8, partition="gpu", time="24:00:00", account=None, job_name="obliviate")
     job_id = submit(script, run_dir_of(command_args), dry_run=False)   # RUN/slurm/job.sbatch, sbatch --parsable
+    exit_code = submit_and_wait(script, run_dir, on_queued=print)     # sbatch --wait: until the job ends
 
 The rendered script is the template with its `#SBATCH` header replaced (nodes, GPUs, requeue, the
 time-limit signal, logs into RUN/slurm-logs) and the command line baked in, shell-quoted. The job starts
@@ -19,7 +20,7 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from engine.errors import UserError
 
@@ -199,22 +200,44 @@ def render(
     return _replace_block(text, BAKED_OPEN, BAKED_CLOSE, baked)
 
 
-def submit(script_text: str, run_dir: Path, dry_run: bool) -> str:
-    """Write the script to RUN/slurm/job.sbatch (and make RUN/slurm-logs, which sbatch will not), then
-    `sbatch --parsable` it: the job id. With `dry_run`, write and return the script, calling nothing."""
-    run_dir = Path(run_dir)
-    sbatch = None
-    if not dry_run:
-        sbatch = shutil.which("sbatch")
-        if sbatch is None:
-            raise UserError("sbatch not found: submit from a SLURM login node, or use --dry-run and `sbatch RUN/slurm/job.sbatch` there")
-    script = run_dir / SCRIPT_PATH
+def _write_script(script_text: str, run_dir: Path) -> Path:
+    """RUN/slurm/job.sbatch (and RUN/slurm-logs, which sbatch will not make)."""
+    script = Path(run_dir) / SCRIPT_PATH
     try:
         script.parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / LOG_DIR).mkdir(parents=True, exist_ok=True)
         script.write_text(script_text)
     except OSError as exc:
         raise UserError(f"cannot write {script}: {exc.strerror or exc}") from None
+    return script
+
+
+def _sbatch() -> str:
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise UserError("sbatch not found: submit from a SLURM login node, or use --dry-run and `sbatch RUN/slurm/job.sbatch` there")
+    return sbatch
+
+
+def _record_job(stdout: str, stderr: str, run_dir: Path) -> str:
+    """The job id from `sbatch --parsable`'s output ("id" or "id;cluster"), appended to RUN/slurm/jobs."""
+    lines = stdout.strip().splitlines()
+    job_id = lines[-1].split(";")[0].strip() if lines else ""
+    if not job_id:
+        raise UserError(f"sbatch printed no job id: {_one_line(stderr) or 'nothing'}")
+    try:
+        with open(Path(run_dir) / JOBS_FILE, "a") as f:
+            f.write(job_id + "\n")
+    except OSError:
+        pass  # the job is queued; only `status RUN` loses track of it
+    return job_id
+
+
+def submit(script_text: str, run_dir: Path, dry_run: bool) -> str:
+    """Write the script to RUN/slurm/job.sbatch, then `sbatch --parsable` it: the job id. With `dry_run`,
+    write and return the script, calling nothing."""
+    sbatch = None if dry_run else _sbatch()
+    script = _write_script(script_text, run_dir)
     if dry_run:
         return script_text
     try:
@@ -225,16 +248,25 @@ def submit(script_text: str, run_dir: Path, dry_run: bool) -> str:
         raise UserError(f"cannot run sbatch: {exc.strerror or exc}") from None
     if proc.returncode != 0:
         raise UserError(f"sbatch refused the job: {_one_line(proc.stderr) or f'exit code {proc.returncode}'}")
-    lines = proc.stdout.strip().splitlines()
-    job_id = lines[-1].split(";")[0].strip() if lines else ""
-    if not job_id:
-        raise UserError(f"sbatch printed no job id: {_one_line(proc.stderr) or 'nothing'}")
+    return _record_job(proc.stdout, proc.stderr, run_dir)
+
+
+def submit_and_wait(script_text: str, run_dir: Path, on_queued: Callable[[str], None]) -> int:
+    """`sbatch --parsable --wait`: `on_queued(job id)` as soon as SLURM took the job, then block until it ends
+    (through requeues) and return its exit code, as sbatch reports it."""
+    sbatch = _sbatch()
+    script = _write_script(script_text, run_dir)
     try:
-        with open(run_dir / JOBS_FILE, "a") as f:
-            f.write(job_id + "\n")
-    except OSError:
-        pass  # the job is queued; only `status RUN` loses track of it
-    return job_id
+        proc = subprocess.Popen([sbatch, "--parsable", "--wait", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
+        raise UserError(f"cannot run sbatch: {exc.strerror or exc}") from None
+    first = proc.stdout.readline()  # sbatch prints the id, flushed, before it starts waiting
+    if not first.strip():
+        stderr = proc.communicate()[1]
+        raise UserError(f"sbatch refused the job: {_one_line(stderr) or f'exit code {proc.returncode}'}")
+    on_queued(_record_job(first, "", run_dir))
+    proc.communicate()
+    return proc.returncode
 
 
 def _job_id(job: str | Path) -> str:

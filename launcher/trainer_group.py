@@ -114,6 +114,7 @@ class TrainerGroup:
         self.num_workers = num_workers
         self._actors: list[Any] = []
         self._pids: list[int] = []
+        self._node_ips: list[str] = []
         bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
         strategy = _strategy(num_workers, cpus_per_worker, gpus_per_worker)
         self._pg = placement_group([dict(bundle) for _ in range(num_workers)], strategy=strategy)
@@ -131,6 +132,7 @@ class TrainerGroup:
             ]
             info = self._get([a.describe.remote() for a in self._actors], setup_timeout, "start")
             self._pids = [pid for _, _, pid, _ in info]
+            self._node_ips = [ip for _, ip, _, _ in info]
             master_addr = info[0][1]
             master_port = self._get([self._actors[0].free_port.remote()], setup_timeout, "pick a port")[0]
             envs = self._envs(info, master_addr, master_port, on_gpu=bool(gpus_per_worker))
@@ -181,6 +183,10 @@ class TrainerGroup:
 
     def pids(self) -> list[int]:
         return list(self._pids)
+
+    def node_ips(self) -> list[str]:
+        """Each rank's Ray node address, in rank order (run.log shows where a multi-node group landed)."""
+        return list(self._node_ips)
 
     def shutdown(self) -> None:
         """Kill the actors (even mid-collective) and free their placement group; safe to call twice."""

@@ -569,6 +569,23 @@ def test_submit_reports_sbatch_refusal_in_one_line(tmp_path, monkeypatch):
     assert "invalid partition specified" in one_line(exc)
 
 
+def test_submit_and_wait_reports_the_id_at_once_and_returns_the_jobs_exit_code(tmp_path, monkeypatch):
+    # Like sbatch --wait: the id first, then the job's exit code once it ends.
+    fake_tool(tmp_path / "bin", "sbatch", f'echo "$*" > {tmp_path}/args\necho 778\n'
+              f'for i in $(seq 100); do [[ -e {tmp_path}/seen ]] && exit 3; sleep 0.05; done\nexit 9\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:/usr/bin:/bin")
+    queued = []
+    code = slurm.submit_and_wait(render(), tmp_path / "run", lambda job: (queued.append(job), (tmp_path / "seen").touch()))
+    assert (queued, code) == (["778"], 3)  # on_queued ran before sbatch returned
+    assert (tmp_path / "args").read_text().split() == ["--parsable", "--wait", str(tmp_path / "run" / "slurm" / "job.sbatch")]
+    assert (tmp_path / "run" / "slurm" / "jobs").read_text() == "778\n"
+
+    fake_tool(tmp_path / "bin", "sbatch", 'echo "sbatch: error: Batch job submission failed: Invalid account" >&2\nexit 1\n')
+    with pytest.raises(UserError) as exc:
+        slurm.submit_and_wait(render(), tmp_path / "run2", lambda job: pytest.fail("no job was queued"))
+    assert one_line(exc) == "sbatch refused the job: sbatch: error: Batch job submission failed: Invalid account"
+
+
 def test_submit_without_sbatch_is_a_one_line_user_error(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
