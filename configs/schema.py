@@ -163,6 +163,7 @@ class EngineConfig:
     workers: int = 1  # trainer ranks; one GPU each when the cluster has GPUs. 0: no Ray/DeepSpeed, train in-process
     ray_address: str = ""  # "" → $RAY_ADDRESS, else a local cluster started for the run (loopback only)
     labelers: int = 1  # labeler actors (one GPU each on GPU), each owning a share of the blocks
+    labeler_shards: int = 1  # labelers per ZeRO-3 group sharing the two frozen models (1: each holds both whole)
     cpus_per_worker: int = 1  # CPU threads of each trainer rank (and of each labeler on CPU)
     queue_depth: int = 2  # steps of labels buffered per rank between labeler and trainer
     checkpoint_every: int = 100  # optimizer steps between checkpoints (also written on SIGINT/SIGTERM)
@@ -176,8 +177,12 @@ class EngineConfig:
         for key in ("workers", "checkpoint_every", "max_restarts"):
             if getattr(self, key) < 0:
                 raise UserError(f"engine.{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("labelers", "cpus_per_worker", "queue_depth", "label_timeout_s"):
+        for key in ("labelers", "labeler_shards", "cpus_per_worker", "queue_depth", "label_timeout_s"):
             _positive(f"engine.{key}", getattr(self, key))
+        if self.labelers % self.labeler_shards:
+            raise UserError(f"engine.labelers ({self.labelers}) must be a multiple of engine.labeler_shards ({self.labeler_shards}): the labelers form groups of that many")
+        if self.labeler_shards > 1 and self.workers == 0:
+            raise UserError("engine.labeler_shards > 1 needs the Ray engine (engine.workers >= 1): sharded labelers are separate processes")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator
 
 import datasets
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import kernels
@@ -393,9 +394,11 @@ class GenericLabeler:
     in memory: a few bytes per token, never logits.
     """
 
-    def __init__(self, baseline, reinforced, tokenizer, blocks: list[Block], anchors: dict[str, list[str]], cfg: LabelConfig):
+    def __init__(self, baseline, reinforced, tokenizer, blocks: list[Block], anchors: dict[str, list[str]], cfg: LabelConfig, shard_group=None):
+        """`shard_group`: the torch.distributed group whose ranks share ZeRO-3-sharded models (None: unsharded)."""
         _check_models(baseline, reinforced, blocks)
         self.models, self.tokenizer, self.blocks, self.anchors, self.cfg = (baseline, reinforced), tokenizer, blocks, anchors, cfg
+        self.shard_group = shard_group
         self.column = cfg.alphas.index(cfg.alpha)
         self.cache: dict[int, torch.Tensor] = {}  # block id → int32 [L, len(alphas)]
         self.counts: dict[str, int] = defaultdict(int)
@@ -404,20 +407,31 @@ class GenericLabeler:
     def __call__(self, block_ids: torch.Tensor) -> torch.Tensor:
         """Labels int64 [len(block_ids), L] for the trained α."""
         missing = sorted({int(i) for i in block_ids} - self.cache.keys())
-        if missing:
+        batches = [missing[first : first + self.cfg.batch_size] for first in range(0, len(missing), self.cfg.batch_size)]
+        rounds = self._rounds(len(batches))
+        if rounds:
             start = time.perf_counter()
             baseline, reinforced = self.models
             with torch.no_grad(), lm_head_weights(baseline, reinforced) as (wb, wr):
-                for first in range(0, len(missing), self.cfg.batch_size):
-                    ids = missing[first : first + self.cfg.batch_size]
+                for ids in batches:
                     batch = [self.blocks[i] for i in ids]
                     labels = _label_batch(baseline, reinforced, self.tokenizer, batch, ids, self.anchors, self.cfg, wb, wr, self.counts)
                     self.cache.update(zip(ids, labels.to(torch.int32)))
+                for _ in range(rounds - len(batches)):  # the shard group's ZeRO-3 gathers need every rank's forwards
+                    _label_batch(baseline, reinforced, self.tokenizer, self.blocks[:1], [0], self.anchors, self.cfg, wb, wr, defaultdict(int))
             self.tokens_labeled += len(missing) * len(self.blocks[0].input_ids)
             self.busy_seconds += time.perf_counter() - start
         if block_ids.numel() == 0:
             return torch.empty(0, len(self.blocks[0].input_ids), dtype=torch.long)
         return torch.stack([self.cache[int(i)][:, self.column] for i in block_ids]).long()
+
+    def _rounds(self, batches: int) -> int:
+        """Forward batches to run: this labeler's own, or the most any rank of its shard group needs."""
+        if self.shard_group is None:
+            return batches
+        most = torch.tensor([batches], device=self.models[0].device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.shard_group)
+        return int(most.item())
 
     def scalars(self) -> dict[str, float]:
         return {}

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from configs import EngineConfig, TrainConfig
 from engine.errors import Interrupted, RunFailed
-from engine.labels import merge_stats
+from engine.labels import GenericLabeler, merge_stats
 from engine.phase import LabelerSpec, PhaseResult, StopFlag, TrainJob, check_interrupted, throughput, train_rank
 from engine.train import FitResult, Schedule, latest_step
 from launcher.ray_cluster import connect
@@ -108,18 +108,29 @@ class LabelerActor:
         return os.getpid()
 
     def produce(self, n_blocks: int, train: TrainConfig, world_size: int, first_step: int, index: int, count: int, queues: list[Queue]) -> dict:
-        """This labeler's blocks (id ≡ index mod count) of every request the ranks will make from
-        `first_step` on, each rank's part into its queue (`queues[rank]`)."""
-        labeler, start = self.labeler, time.perf_counter()
-        for shares in Schedule.make(n_blocks, train, world_size).requests(first_step):
-            mine = [ids[ids % count == index] for ids in shares]
-            tokens, busy = labeler.tokens_labeled, labeler.busy_seconds
-            labels = labeler(torch.cat(mine))
-            rate = (labeler.tokens_labeled - tokens) / max(labeler.busy_seconds - busy, 1e-9)
-            for queue, ids, part in zip(queues, mine, labels.split([m.numel() for m in mine])):
-                queue.put((ids, part.to(torch.int32), rate))
-        wall = time.perf_counter() - start  # includes the time blocked on full queues
-        return {"stats": labeler.stats(), "tokens_per_s": labeler.tokens_labeled / max(labeler.busy_seconds, 1e-9), "utilization": labeler.busy_seconds / max(wall, 1e-9)}
+        return _produce(self.labeler, n_blocks, train, world_size, first_step, index, count, queues)
+
+
+def _produce(labeler: GenericLabeler, n_blocks: int, train: TrainConfig, world_size: int, first_step: int, index: int, count: int, queues: list[Queue]) -> dict:
+    """Labeler `index`'s blocks (id ≡ index mod count) of every request the ranks will make from
+    `first_step` on, each rank's part into its queue (`queues[rank]`)."""
+    start = time.perf_counter()
+    for shares in Schedule.make(n_blocks, train, world_size).requests(first_step):
+        mine = [ids[ids % count == index] for ids in shares]
+        tokens, busy = labeler.tokens_labeled, labeler.busy_seconds
+        labels = labeler(torch.cat(mine))
+        rate = (labeler.tokens_labeled - tokens) / max(labeler.busy_seconds - busy, 1e-9)
+        for queue, ids, part in zip(queues, mine, labels.split([m.numel() for m in mine])):
+            queue.put((ids, part.to(torch.int32), rate))
+    wall = time.perf_counter() - start  # includes the time blocked on full queues
+    return {"stats": labeler.stats(), "tokens_per_s": labeler.tokens_labeled / max(labeler.busy_seconds, 1e-9), "utilization": labeler.busy_seconds / max(wall, 1e-9)}
+
+
+def _produce_on_shard(spec: LabelerSpec, dtype: torch.dtype, first_index: int, n_blocks: int, train: TrainConfig, world_size: int, first_step: int, count: int, queues: list[list[Queue]]) -> dict:
+    """On each rank of a sharded labeler group: labeler `first_index + RANK`, its models ZeRO-3-sharded over the group."""
+    _quiet_worker()
+    index = first_index + int(os.environ["RANK"])
+    return _produce(spec.build_sharded(dtype), n_blocks, train, world_size, first_step, index, count, [row[index] for row in queues])
 
 
 def _quiet_worker() -> None:
@@ -195,29 +206,8 @@ class RayTrainer:
                 queues = [[Queue(maxsize=cfg.queue_depth, actor_options={"num_cpus": 0}) for _ in range(cfg.labelers)] for _ in range(cfg.workers)]
                 for queue in (q for row in queues for q in row):
                     stack.callback(queue.shutdown, force=True)
-                device = torch.device("cuda" if on_gpu else "cpu")
-                bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if on_gpu else {})}
-                group_of_labelers = placement_group([dict(bundle) for _ in range(cfg.labelers)], strategy="PACK")
-                stack.callback(remove_placement_group, group_of_labelers)
-                if not group_of_labelers.wait(timeout_seconds=SETUP_TIMEOUT_S):
-                    raise RunFailed(f"the Ray cluster cannot place {cfg.labelers} labeler(s) × {bundle} beside the trainers within {SETUP_TIMEOUT_S:g} s; it has {ray.cluster_resources()}")
-                labelers = [
-                    LabelerActor.options(
-                        num_cpus=cfg.cpus_per_worker,
-                        num_gpus=1 if on_gpu else 0,
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(group_of_labelers, placement_group_bundle_index=i),
-                        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.cpus_per_worker)}},
-                    ).remote(job.labeler, device.type, job.torch_dtype(device))
-                    for i in range(cfg.labelers)
-                ]
-                for labeler in labelers:
-                    stack.callback(ray.kill, labeler)
-                pid_refs = [labeler.pid.remote() for labeler in labelers]
-                pids = wait_all({ref: f"labeler {i}" for i, ref in enumerate(pid_refs)}, SETUP_TIMEOUT_S, "load the frozen models")
-                for i, (labeler, pid) in enumerate(zip(labelers, (pids[ref] for ref in pid_refs))):
-                    ref = labeler.produce.remote(job.input_ids.shape[0], job.train, cfg.workers, first_step, i, cfg.labelers, [row[i] for row in queues])
-                    labeler_refs.append(ref)
-                    named[ref] = f"labeler {i} (pid {pid})"
+                named = self._start_labelers(stack, job, queues, first_step, on_gpu)
+                labeler_refs = list(named)
             log.info("%s: %d trainer rank(s) on pids %s%s%s", job.phase, cfg.workers, group.pids(), "".join(f", {named[r]}" for r in labeler_refs), f", resuming at step {first_step}" if first_step else "")
             log.info("%s: trainer ranks on Ray nodes %s", job.phase, group.node_ips())
             refs = group.start(_train_on_rank, job, queues, control, resume, cfg.label_timeout_s)
@@ -236,6 +226,43 @@ class RayTrainer:
         labeler = f"; waiting for labels {100 * speed['label_wait_fraction']:.1f}% of the time; {cfg.labelers} labeler(s): {speed['labeler_tokens_per_s']:.0f} tokens/s, busy {100 * speed['labeler_utilization']:.0f}%"
         log.info("%s: %d steps in %.1f s on %d worker(s): %.0f tokens/s%s", job.phase, fit.steps, fit.seconds, cfg.workers, speed["tokens_per_s"], labeler if made else "")
         return phase
+
+    def _start_labelers(self, stack: ExitStack, job: TrainJob, queues: list[list[Queue]], first_step: int, on_gpu: bool) -> dict:
+        """Start the labelers producing into `queues`: {result ref: name}. Unsharded, each labeler actor
+        holds both frozen models on its device; with engine.labeler_shards = K, groups of K ranks share
+        them under ZeRO-3 (a group per placement group, like the trainers)."""
+        cfg = self.cfg
+        device = torch.device("cuda" if on_gpu else "cpu")
+        args = (job.input_ids.shape[0], job.train, cfg.workers, first_step)
+        named: dict = {}
+        if cfg.labeler_shards > 1:
+            for first in range(0, cfg.labelers, cfg.labeler_shards):
+                group = stack.enter_context(TrainerGroup(cfg.labeler_shards, cfg.cpus_per_worker, 1 if on_gpu else 0, role="labeler", first_index=first))
+                refs = group.start(_produce_on_shard, job.labeler, job.torch_dtype(device), first, *args, cfg.labelers, queues)
+                named.update(zip(refs, (f"{name} (ZeRO-3 shard {rank} of {cfg.labeler_shards})" for rank, name in enumerate(group.names()))))
+            return named
+        bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if on_gpu else {})}
+        group_of_labelers = placement_group([dict(bundle) for _ in range(cfg.labelers)], strategy="PACK")
+        stack.callback(remove_placement_group, group_of_labelers)
+        if not group_of_labelers.wait(timeout_seconds=SETUP_TIMEOUT_S):
+            raise RunFailed(f"the Ray cluster cannot place {cfg.labelers} labeler(s) × {bundle} beside the trainers within {SETUP_TIMEOUT_S:g} s; it has {ray.cluster_resources()}")
+        labelers = [
+            LabelerActor.options(
+                num_cpus=cfg.cpus_per_worker,
+                num_gpus=1 if on_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group_of_labelers, placement_group_bundle_index=i),
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.cpus_per_worker)}},
+            ).remote(job.labeler, device.type, job.torch_dtype(device))
+            for i in range(cfg.labelers)
+        ]
+        for labeler in labelers:
+            stack.callback(ray.kill, labeler)
+        pid_refs = [labeler.pid.remote() for labeler in labelers]
+        pids = wait_all({ref: f"labeler {i}" for i, ref in enumerate(pid_refs)}, SETUP_TIMEOUT_S, "load the frozen models")
+        for i, (labeler, pid) in enumerate(zip(labelers, (pids[ref] for ref in pid_refs))):
+            ref = labeler.produce.remote(*args, i, cfg.labelers, [row[i] for row in queues])
+            named[ref] = f"labeler {i} (pid {pid})"
+        return named
 
     @staticmethod
     def _poller(bar: tqdm, control, stop: StopFlag):

@@ -19,18 +19,20 @@ Estimates, before any GPU is rented; no weights are read (a model directory's co
   the LM head: 12 bytes per token per vocabulary entry (bf16 logits, their shifted copy, the fp32 copy
   and the fp32 log-probabilities kept for backward). Tokens = micro_batch_size · labels.context_length,
   the larger micro-batch of the phases that run (reinforce is skipped when `reinforced` is given).
-- **labeler** (one GPU each, unsharded): the frozen baseline and reinforced model (2 bytes a parameter
-  each in bf16, 4 in float32); one forward's working set at labels.batch_size blocks, width·(4h + 3I)
+- **labeler** (one GPU each): the frozen baseline and reinforced model (2 bytes a parameter each in bf16,
+  4 in float32), divided by engine.labeler_shards when a group of that many shares them under ZeRO-3,
+  which then also holds, gathered at once, both LM heads (the kernel's) and two decoder layers (the one
+  running and the one prefetched); one forward's working set at labels.batch_size blocks, width·(4h + 3I)
   bytes a token (a layer's input and normed input, SwiGLU's gate/up/product), plus both models' final
   hidden states (the kernel's inputs); and the label kernel's workspace from
   `kernels.profile.extra_bytes_estimate` for labels.impl ("auto" counts the larger, chunked, path).
 - **fits** when a GPU's total stays under `gpu_mem_gib` less 10% headroom (CUDA context, NCCL buffers,
   allocator fragmentation). `gpu_mem_gib` is GiB as the device reports it (an "80 GB" H100 shows 79.2).
 
-The plan uses the config's engine.workers and engine.labelers. The smallest node count uses every GPU
-that is not a labeler for the trainer (workers = nodes · gpus_per_node − labelers); the labeler's need
-does not change with nodes. Labelers are never sharded here: a model whose two frozen copies do not fit
-on one GPU cannot be planned (ZeRO-3-sharded labelers are not supported yet).
+The plan uses the config's engine.workers, engine.labelers and engine.labeler_shards. The smallest node
+count uses every GPU that is not a labeler for the trainer (workers = nodes · gpus_per_node − labelers);
+the labeler's need does not change with nodes. Unsharded labelers whose two frozen models cannot fit one
+GPU are refused with the smallest engine.labeler_shards that would fit.
 """
 
 from __future__ import annotations
@@ -142,13 +144,18 @@ def trainer_activations_bytes(shape: Shape, tokens: int, width: int = 2) -> tupl
     return shape.layers * per_token_layer * tokens * width // 2, LOGIT_BYTES * shape.vocab * tokens
 
 
-def labeler_bytes(shape: Shape, tokens: int, impl: str, alphas: int, width: int = 2) -> tuple[int, int, int]:
-    """(two frozen models, one forward's activations + both final hidden states, label kernel workspace)."""
+def labeler_bytes(shape: Shape, tokens: int, impl: str, alphas: int, width: int = 2, shards: int = 1) -> tuple[int, int, int]:
+    """(two frozen models — this GPU's 1/shards of them, plus what ZeRO-3 holds gathered when sharded —,
+    one forward's activations + both final hidden states, label kernel workspace)."""
     import torch
 
     from kernels.profile import extra_bytes_estimate
 
-    models = 2 * shape.params * width
+    models = 2 * shape.params * width // shards
+    if shards > 1:
+        head = shape.vocab * shape.hidden
+        layer = (shape.params - 2 * head) // shape.layers
+        models += (2 * head + 2 * layer) * width
     forward = tokens * width * (4 * shape.hidden + 3 * shape.intermediate) + 2 * tokens * shape.hidden * width
     dtype = torch.bfloat16 if width == 2 else torch.float32
     kernel = extra_bytes_estimate(impl, tokens, shape.hidden, shape.vocab, dtype, alphas, FORBIDDEN_PER_ROW)
@@ -176,6 +183,7 @@ class Plan:
     usable_gib: float
     workers: int
     labelers: int
+    labeler_shards: int
     micro_batch: int
     block: int
     label_batch: int
@@ -245,7 +253,7 @@ def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_g
     if not (gpu_mem_gib > 0 and math.isfinite(gpu_mem_gib)):
         raise UserError(f"GPU memory must be a positive number of GiB, got {gpu_mem_gib}")
     engine, total = cfg.engine, nodes * gpus_per_node
-    workers, labelers = engine.workers, engine.labelers
+    workers, labelers, shards = engine.workers, engine.labelers, engine.labeler_shards
     if labelers >= total:
         raise UserError(f"engine.labelers={labelers} leaves no GPU for the trainer on {nodes} node(s) × {gpus_per_node} GPUs")
     if workers < 1:
@@ -253,9 +261,11 @@ def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_g
                         f"(engine.workers={total - labelers} uses every GPU that is not a labeler)")
     width = 2 if cfg.dtype == "bfloat16" else 4
     models_gib = 2 * shape.params * width / GIB
-    if models_gib > gpu_mem_gib:
-        raise UserError(f"{shape.name}: an unsharded labeler needs its two frozen {cfg.dtype} models on one GPU "
-                        f"({models_gib:.1f} GiB > {gpu_mem_gib:g} GiB); ZeRO-3-sharded labelers are not supported yet")
+    if models_gib / shards > gpu_mem_gib:
+        least = math.ceil(models_gib / (gpu_mem_gib * (1 - HEADROOM)))
+        raise UserError(f"{shape.name}: a labeler holds {'its' if shards == 1 else f'1/{shards} of its'} two frozen {cfg.dtype} models "
+                        f"({models_gib / shards:.1f} GiB > {gpu_mem_gib:g} GiB a GPU): shard them with engine.labeler_shards={least} "
+                        f"or more (engine.labelers a multiple of it)")
     if workers + labelers > total:
         need = math.ceil((workers + labelers) / gpus_per_node)
         raise UserError(f"engine.workers={workers} + engine.labelers={labelers} need {workers + labelers} GPUs but "
@@ -274,12 +284,12 @@ def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_g
 
     states_gib, cpu_per_rank = zero3_states_gib(shape, workers)
     layers_b, loss_b = trainer_activations_bytes(shape, micro * block, width)
-    models_b, forward_b, kernel_b = labeler_bytes(shape, cfg.labels.batch_size * block, cfg.labels.impl, len(cfg.labels.alphas), width)
+    models_b, forward_b, kernel_b = labeler_bytes(shape, cfg.labels.batch_size * block, cfg.labels.impl, len(cfg.labels.alphas), width, shards)
     min_nodes = next((n for n in range(1, MAX_NODES + 1)
                       if n * gpus_per_node > labelers and trainer_total(n * gpus_per_node - labelers, micro) <= usable), None)
     result = Plan(
         shape=shape, nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=gpu_mem_gib, usable_gib=usable,
-        workers=workers, labelers=labelers, micro_batch=micro, block=block, label_batch=cfg.labels.batch_size,
+        workers=workers, labelers=labelers, labeler_shards=shards, micro_batch=micro, block=block, label_batch=cfg.labels.batch_size,
         label_impl=cfg.labels.impl, dtype=cfg.dtype, batches=batches,
         trainer_states_gib=states_gib, trainer_layers_gib=layers_b / GIB, trainer_loss_gib=loss_b / GIB,
         trainer_cpu_gib_per_node=cpu_per_rank * min(workers, gpus_per_node),
@@ -306,7 +316,7 @@ def format_plan(p: Plan) -> str:
         (f"trainer: activations, {p.micro_batch} × {p.block} tokens", p.trainer_layers_gib, ""),
         (f"trainer: logits + loss ({s.vocab:,} vocab)", p.trainer_loss_gib, ""),
         ("trainer: total per GPU", p.trainer_gib, yes[p.trainer_fits]),
-        (f"labeler: baseline + reinforced ({p.dtype})", p.labeler_models_gib, ""),
+        (f"labeler: baseline + reinforced ({p.dtype})" + (f", 1/{p.labeler_shards} + gathered head/layers (ZeRO-3)" if p.labeler_shards > 1 else ""), p.labeler_models_gib, ""),
         (f"labeler: forward, {p.label_batch} × {p.block} tokens", p.labeler_forward_gib, ""),
         (f"labeler: label kernel ({p.label_impl})", p.labeler_kernel_gib, ""),
         ("labeler: total per GPU", p.labeler_gib, yes[p.labeler_fits]),
@@ -315,7 +325,8 @@ def format_plan(p: Plan) -> str:
     lines = [
         f"{s.name}: {s.params / 1e9:.2f}B parameters (hidden {s.hidden}, {s.layers} layers, {s.heads}/{s.kv_heads} heads, vocab {s.vocab:,})",
         f"cluster: {_nodes(p.nodes)} × {p.gpus_per_node} GPUs × {p.gpu_mem_gib:g} GiB ({p.usable_gib:.1f} GiB usable, "
-        f"{HEADROOM:.0%} headroom); {p.workers} trainer ranks + {p.labelers} labeler{'s' * (p.labelers > 1)}, one GPU each",
+        f"{HEADROOM:.0%} headroom); {p.workers} trainer ranks + {p.labelers} labeler{'s' * (p.labelers > 1)}, one GPU each"
+        + (f" (ZeRO-3 groups of {p.labeler_shards})" if p.labeler_shards > 1 else ""),
         "",
         f"{'component':<{width}}  {'GiB/GPU':>8}  fits?",
         f"{'-' * width}  {'-' * 8}  -----",

@@ -108,10 +108,11 @@ class TrainerGroup:
     OMP_NUM_THREADS=cpus_per_worker.
     """
 
-    def __init__(self, num_workers: int, cpus_per_worker: float = 1, gpus_per_worker: float = 0, setup_timeout: float = SETUP_TIMEOUT_S):
+    def __init__(self, num_workers: int, cpus_per_worker: float = 1, gpus_per_worker: float = 0, setup_timeout: float = SETUP_TIMEOUT_S, *, role: str = "trainer rank", first_index: int = 0):
+        """`role` and `first_index` name the workers in errors and logs ("labeler 4" for rank 0 of a group from 4)."""
         if num_workers < 1:
             raise UserError(f"a trainer group needs at least one worker, got {num_workers}")
-        self.num_workers = num_workers
+        self.num_workers, self.role, self.first_index = num_workers, role, first_index
         self._actors: list[Any] = []
         self._pids: list[int] = []
         self._node_ips: list[str] = []
@@ -167,7 +168,7 @@ class TrainerGroup:
 
     def names(self) -> list[str]:
         """How errors name each rank: "trainer rank 1 (pid 4242)"."""
-        return [f"trainer rank {rank}" + (f" (pid {pid})" if pid else "") for rank, pid in enumerate(self._pids or [0] * self.num_workers)]
+        return [f"{self.role} {self.first_index + rank}" + (f" (pid {pid})" if pid else "") for rank, pid in enumerate(self._pids or [0] * self.num_workers)]
 
     def start(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list:
         """`fn(*args, **kwargs)` on every worker at once; the result refs in rank order (see `wait_all`)."""

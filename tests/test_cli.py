@@ -103,6 +103,8 @@ def test_bad_config_values(world, tmp_path, capsys, override, fragment):
         (["engine.workers=-1"], "engine.workers must be >= 0"),
         (["engine.labelers=0"], "engine.labelers must be > 0"),
         (["engine.queue_depth=0"], "engine.queue_depth must be > 0"),
+        (["engine.labelers=3", "engine.labeler_shards=2"], "engine.labelers (3) must be a multiple of engine.labeler_shards (2)"),
+        (["engine.workers=0", "engine.labelers=2", "engine.labeler_shards=2"], "engine.labeler_shards > 1 needs the Ray engine"),
         (["engine.deepspeed=/nonexistent/ds.json"], "cannot read the DeepSpeed config"),
         (["--resume", "--overwrite"], "--resume and --overwrite"),
     ],
@@ -265,8 +267,10 @@ def test_plan_command_and_a_malformed_config(tmp_path, capsys):
     code, out, err = obliviate("plan", CONFIG_DIR / "llama2-7b.yaml", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem", "80", capsys=capsys)
     assert code == 0, err
     assert "verdict: fits on 1 node" in out
-    code, _, err = obliviate("plan", CONFIG_DIR / "llama2-70b.yaml", "--nodes", "4", "--gpus-per-node", "8", capsys=capsys)
-    assert_one_line_error(code, err, "ZeRO-3-sharded labelers are not supported yet")
+    code, _, err = obliviate("plan", CONFIG_DIR / "llama2-70b.yaml", "--nodes", "4", "--gpus-per-node", "8", "engine.labeler_shards=1", capsys=capsys)
+    assert_one_line_error(code, err, "shard them with engine.labeler_shards=")
+    code, _, err = obliviate("plan", CONFIG_DIR / "llama2-70b.yaml", "--nodes", "1", "--gpus-per-node", "8", "engine.labeler_shards=3", capsys=capsys)
+    assert_one_line_error(code, err, "engine.labelers (8) must be a multiple of engine.labeler_shards (3)")
     code, _, err = obliviate("run", write(tmp_path / "bad.yaml", "unlearn: [1,\n lr"), "--out", tmp_path / "run", capsys=capsys)
     assert_one_line_error(code, err, "bad config")
 

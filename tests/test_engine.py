@@ -119,6 +119,20 @@ def test_two_zero3_workers_and_two_labelers_train_like_one_process_with_twice_th
     torch.testing.assert_close(model(PROBE).logits, live[0], rtol=0, atol=1e-5)
 
 
+def test_labelers_sharding_the_frozen_models_with_zero3_label_like_unsharded_ones(world, cluster, reference, tmp_path, capsys):
+    # Two labelers form one ZeRO-3 group: each holds half of both frozen models, each labels its own blocks,
+    # and every forward is collective, so a labeler with fewer blocks in a request runs padding forwards
+    # (one block per forward makes the shares uneven: 3 blocks against 1 in some requests).
+    run = tmp_path / "run"
+    code, _, err = obliviate("unlearn", *world["args"], "--out", run, *COMMON, *ENGINE, "engine.labelers=2", "engine.labeler_shards=2", "labels.batch_size=1", capsys=capsys)
+    assert code == 0, err
+    got, want = summary(run), summary(reference)
+    assert got["label_stats"] == want["label_stats"], "sharded labelers made the same labels as the in-process one"
+    assert_same_weights(run, reference)
+    log = (run / "run.log").read_text()
+    assert re.search(r"labeler 0 \(pid \d+\) \(ZeRO-3 shard 0 of 2\), labeler 1 \(pid \d+\) \(ZeRO-3 shard 1 of 2\)", log), log
+
+
 PROBE = torch.tensor([[1, 5, 9, 13, 2, 7]])
 
 

@@ -176,12 +176,18 @@ def test_impossible_plans_are_one_line_user_errors(overrides, cluster, words):
     assert words in one_line_error(excinfo)
 
 
-@pytest.mark.parametrize("name", ["llama2-70b", "llama3-70b"])
-def test_70b_labelers_do_not_fit_one_gpu_unsharded(name):
+@pytest.mark.parametrize("name, labeler_gib", [("llama2-70b", 37.0), ("llama3-70b", 40.7)])
+def test_70b_labelers_fit_only_sharded_over_a_node(name, labeler_gib):
+    # Unsharded, the two frozen models need over 250 GiB on one GPU: refused, naming the shards that would do.
     with pytest.raises(UserError) as excinfo:
-        plan(cfg_for(name), model_shape(name), 1, 8, 80)  # before the 33 GPUs the config asks for
-    text = one_line_error(excinfo)
-    assert "two frozen bfloat16 models on one GPU" in text and "ZeRO-3-sharded labelers are not supported yet" in text
+        plan(cfg_for(name, "engine.labelers=1", "engine.labeler_shards=1"), model_shape(name), 5, 8, 80)
+    assert "two frozen bfloat16 models" in one_line_error(excinfo) and "engine.labeler_shards=4 or more" in one_line_error(excinfo)
+    # The config's 8-way ZeRO-3 group: 1/8 of both models + both heads and two layers gathered.
+    p = plan(cfg_for(name), model_shape(name), 5, 8, 80)
+    shape = model_shape(name)
+    head, layer = shape.vocab * shape.hidden, (shape.params - 2 * shape.vocab * shape.hidden) // shape.layers
+    assert p.labeler_models_gib == pytest.approx((2 * shape.params * 2 // 8 + (2 * head + 2 * layer) * 2) / GIB)
+    assert p.fits and p.labeler_gib == pytest.approx(labeler_gib, abs=0.05) and (p.workers, p.labelers, p.labeler_shards) == (32, 8, 8)
 
 
 def test_unknown_models_and_bad_directories_are_one_line_user_errors(tmp_path):
