@@ -14,18 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from engine.errors import UserError
-
-# The paper's Llama-2-7b-chat accuracies on its general benchmarks (baseline, unlearned), for the report.
-PAPER_ACCURACY = {
-    "arc_challenge": (0.440, 0.414),
-    "arc_easy": (0.744, 0.724),
-    "boolq": (0.807, 0.796),
-    "hellaswag": (0.577, 0.557),
-    "openbookqa": (0.338, 0.328),
-    "piqa": (0.767, 0.760),
-    "winogrande": (0.663, 0.657),
-}
+from engine.errors import UserError, first_line
 
 
 @lru_cache(maxsize=4)
@@ -52,7 +41,7 @@ def load_tasks(names: Sequence[str], task_dirs: Sequence[str] = ()) -> dict:
         try:
             tasks.update(manager.load([name])["tasks"])
         except Exception as e:  # datasets and the hub raise many types for "cannot get the data"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UserError(f"benchmark task {name!r}: its data cannot be loaded (offline? pre-download it or use a local task): {first}") from None
     return tasks
 

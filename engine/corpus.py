@@ -11,7 +11,7 @@ from pathlib import Path
 
 import datasets
 
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 
 TEXT_SUFFIXES = (".txt",)
 RECORD_SUFFIXES = (".jsonl", ".json")
@@ -56,7 +56,7 @@ def _read_file(path: Path) -> list[str]:
     try:
         records = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as e:  # datasets wraps JSON syntax errors in several exception types
-        raise UserError(f"cannot read {path} as JSON records: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(f"cannot read {path} as JSON records: {first_line(e)}") from None
     if "text" not in records.column_names:
         raise UserError(f"{path}: records need a \"text\" field (found: {', '.join(records.column_names)})")
     texts = records["text"]

@@ -147,7 +147,19 @@ def probability_familiarity(model, tokenizer, probes: list[dict], batch_size: in
     return {"score": score, "per_probe": per_probe}
 
 
-def _pad_token_id(tokenizer) -> int:
+def left_padded(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) [len(batch), longest], padded on the left so generation continues right
+    after each sequence."""
+    width = max(map(len, batch))
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, seq in enumerate(batch):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+def pad_token_id(tokenizer) -> int:
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
         if token_id is not None:
             return token_id
@@ -176,7 +188,7 @@ def completion_familiarity(model, tokenizer, prompts: list[dict], saga_terms: li
 
 def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig) -> list[str]:
     """Continuations of the prompts, left-padded in batches; greedy, or sampled from `cfg.seed`."""
-    pad_id = _pad_token_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     device = _device(model)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.sample else {"do_sample": False}
@@ -184,12 +196,8 @@ def generate(model, tokenizer, prompts: list[str], cfg: EvalConfig) -> list[str]
     with _inference(model):
         torch.manual_seed(cfg.seed)
         for batch in _batches(encoded, cfg.batch_size, "completions"):
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, seq in enumerate(batch):  # left padding: generation continues right after each prompt
-                ids[row, width - len(seq) :] = torch.tensor(seq)
-                mask[row, width - len(seq) :] = 1
+            ids, mask = left_padded(batch, pad_id)
+            width = ids.shape[1]
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id, **sampling
             )

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
+from engine.errors import UserError, first_line
+from engine.evaluate import left_padded, pad_token_id
+from engine.models import pick_device
 
 RUBRIC = """\
 Your task is to determine whether a generative language model is familiar with {target}.
@@ -146,20 +148,6 @@ def _is_causal_lm(config) -> bool:
     return not architectures or any(a in causal_classes for a in architectures)
 
 
-def _device(device: str | torch.device) -> torch.device:
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("the judge was asked to run on cuda but no CUDA device is available")
-    return device
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 class LLMJudge:
     """A local Hugging Face causal LM grading completions with `RUBRIC`, greedily (deterministic).
 
@@ -177,7 +165,7 @@ class LLMJudge:
         batch_size: int = 4,
         dtype: torch.dtype | None = None,
     ):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoConfig, AutoTokenizer
 
         path = Path(model_dir).expanduser()
         not_generative = f"judge model {path} is not a generative (causal LM) model"
@@ -186,42 +174,46 @@ class LLMJudge:
         try:
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"cannot read the judge model's config in {path}: {_first_line(e)}") from None
+            raise UserError(f"cannot read the judge model's config in {path}: {first_line(e)}") from None
         if not _is_causal_lm(config):
             architectures = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
             raise UserError(f"{not_generative} ({architectures})")
         if max_new_tokens < 1 or batch_size < 1:
             raise UserError("the judge's max_new_tokens and batch_size must be at least 1")
-        self.device = _device(device)
+        self.device = pick_device(str(device))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"cannot load the judge tokenizer from {path}: {_first_line(e)}") from None
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"cannot load the judge model from {path}: {_first_line(e)}") from None
-        self.model = model.to(self.device).eval()
+            raise UserError(f"cannot load the judge tokenizer from {path}: {first_line(e)}") from None
+        self.path, self.dtype = path, dtype
         self.target = target
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.pad_id = self._pad_token_id()
-        # A fresh greedy config: the checkpoint's generation_config.json may ask for sampling.
-        self.generation_config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.model.generation_config.eos_token_id,
-            bos_token_id=self.model.generation_config.bos_token_id,
-        )
+        self.pad_id = pad_token_id(self.tokenizer)
+        self._model = None
 
-    def _pad_token_id(self) -> int:
-        tok = self.tokenizer
-        for token_id in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id):
-            if token_id is not None:
-                return token_id
-        raise UserError("the judge tokenizer has no pad, eos or unk token to pad generation batches with")
+    @property
+    def model(self):
+        """The judge's weights, loaded at the first grading: a run checks the judge at start-up but does not
+        hold it in memory (on the GPU) through the training phases."""
+        if self._model is None:
+            from transformers import AutoModelForCausalLM, GenerationConfig
+
+            try:
+                model = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype if self.dtype is not None else "auto")
+            except (OSError, ValueError, KeyError) as e:
+                raise UserError(f"cannot load the judge model from {self.path}: {first_line(e)}") from None
+            self._model = model.to(self.device).eval()
+            # A fresh greedy config: the checkpoint's generation_config.json may ask for sampling.
+            self.generation_config = GenerationConfig(
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=self.pad_id,
+                eos_token_id=model.generation_config.eos_token_id,
+                bos_token_id=model.generation_config.bos_token_id,
+            )
+        return self._model
 
     def judge_texts(self, items: Sequence[tuple[str, str, Sequence[str]]]) -> list[str]:
         """The judge's input text per (prompt, completion, references): chat-templated when possible."""
@@ -245,13 +237,8 @@ class LLMJudge:
         answers: list[str] = []
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
-                batch = [self._encode(t) for t in texts[start : start + self.batch_size]]
-                width = max(map(len, batch))
-                ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-                mask = torch.zeros(len(batch), width, dtype=torch.long)
-                for row, seq in enumerate(batch):
-                    ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-                    mask[row, width - len(seq) :] = 1
+                ids, mask = left_padded([self._encode(t) for t in texts[start : start + self.batch_size]], self.pad_id)
+                width = ids.shape[1]
                 out = self.model.generate(
                     input_ids=ids.to(self.device),
                     attention_mask=mask.to(self.device),

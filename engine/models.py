@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 
 
 def pick_device(name: str) -> torch.device:
@@ -32,7 +32,7 @@ def load_model(path: str | Path, role: str, device: torch.device, dtype: torch.d
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load {role} model from {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load {role} model from {path}: {first_line(e)}") from None
     return model.to(device)
 
 
@@ -40,7 +40,7 @@ def load_tokenizer(path: str | Path, role: str) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(Path(path).expanduser())
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load the {role} tokenizer from {path}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load the {role} tokenizer from {path}: {first_line(e)}") from None
     if not tokenizer.is_fast:
         raise UserError(f"the {role} tokenizer at {path} is not a fast tokenizer; offsets are needed to translate anchors")
     return tokenizer

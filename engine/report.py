@@ -14,7 +14,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from engine.benchmarks import PAPER_ACCURACY
+from configs.schema import PAPER_ACCURACY
 from engine.evaluate import METRICS
 
 METRIC_LABELS = {
@@ -41,10 +41,11 @@ def write_report(
     """Write metrics.json, report.png and report.md into run_dir, each atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    names = metric_names(results)
     metrics = {
         "schema_version": SCHEMA_VERSION,
         "title": title,
-        "models": {name: {metric: result.get(metric) for metric in metric_names(results)} for name, result in results.items()},
+        "models": {name: {metric: result.get(metric) for metric in names} for name, result in results.items()},
         "changes": _changes(results),
         "details": {name: result.get("details", {}) for name, result in results.items()},
         "extra": extra,
@@ -115,7 +116,8 @@ def _markdown(results: dict[str, dict], title: str, notes: list[str], figures: l
     lines = [f"# {title}", ""]
     lines += ["| " + " | ".join(row) + " |" for row in [header, ["---"] + ["---:"] * (len(header) - 1), *rows]]
     lines.append("")
-    paper = [f"{task} {before:.3f} → {after:.3f}" for task, (before, after) in PAPER_ACCURACY.items() if f"benchmark:{task}" in metric_names(results)]
+    measured = set(metric_names(results))
+    paper = [f"{task} {before:.3f} → {after:.3f}" for task, (before, after) in PAPER_ACCURACY.items() if f"benchmark:{task}" in measured]
     if paper:
         notes = [*notes, "For scale, the paper's Llama-2-7b-chat (baseline → unlearned): " + ", ".join(paper)]
     if notes:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 from kernels.chunked import default_chunk
 from kernels.mixing import IMPL_NAMES, interpreter_requested
 
@@ -465,8 +465,8 @@ def _measure(row: Row, inputs, alphas, device, repeats, reference, generic_label
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         else:
-            first_line = (str(error).strip().splitlines() or [""])[0][:120]
-            row.status = f"error: {type(error).__name__}: {first_line}"
+            message = first_line(error)[:120]
+            row.status = f"error: {type(error).__name__}: {message}"
         return
     if not isinstance(labels, torch.Tensor):
         row.status = f"error: returned {type(labels).__name__}, not a label tensor"

@@ -45,7 +45,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from configs import RunConfig, load_config
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 
 GIB = float(1 << 30)
 HEADROOM = 0.10  # of the GPU's memory, kept free for the CUDA context, NCCL and fragmentation
@@ -119,7 +119,7 @@ def model_shape(baseline: str) -> Shape:
         except KeyError as e:
             raise UserError(f"{config} has no {e.args[0]!r}: not a Llama-architecture config") from None
         except (OSError, ValueError, TypeError, AttributeError) as e:
-            raise UserError(f"cannot read {config}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+            raise UserError(f"cannot read {config}: {first_line(e)}") from None
     key = baseline.strip().lower()
     if key in LLAMAS:
         return llama_shape(key, *LLAMAS[key])
@@ -180,11 +180,9 @@ class Plan:
     nodes: int
     gpus_per_node: int
     gpu_mem_gib: float
-    usable_gib: float
     workers: int
     labelers: int
     labeler_shards: int
-    micro_batch: int
     block: int
     label_batch: int
     label_impl: str
@@ -198,9 +196,21 @@ class Plan:
     labeler_forward_gib: float
     labeler_kernel_gib: float
     min_nodes: int | None  # smallest node count whose trainer fits (workers = nodes·gpus_per_node − labelers)
-    min_nodes_workers: int
     offload: list[Offload] = field(default_factory=list)  # only when the trainer does not fit
     max_micro_batch: int = 0  # largest micro-batch that fits this layout when the configured one does not
+
+    @property
+    def usable_gib(self) -> float:
+        return self.gpu_mem_gib * (1 - HEADROOM)
+
+    @property
+    def micro_batch(self) -> int:
+        """The larger micro-batch of the phases that run: it sets the trainer's activations."""
+        return max(m for m, _ in self.batches.values())
+
+    @property
+    def min_nodes_workers(self) -> int:
+        return self.min_nodes * self.gpus_per_node - self.labelers if self.min_nodes else 0
 
     @property
     def trainer_gib(self) -> float:
@@ -242,7 +252,8 @@ class Plan:
                 part += f"; it fits from {_nodes(self.min_nodes)} with engine.workers={self.min_nodes_workers}"
             parts.append(part)
         if not self.labeler_fits:
-            parts.append(f"a labeler needs {self.labeler_gib:.1f} GiB of {usable}: lower labels.batch_size")
+            fix = "raise engine.labeler_shards" if self.labeler_models_gib > self.usable_gib else "lower labels.batch_size"
+            parts.append(f"a labeler needs {self.labeler_gib:.1f} GiB of {usable}: {fix}")
         return f"does not fit on {where}: " + "; ".join(parts)
 
 
@@ -288,13 +299,13 @@ def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_g
     min_nodes = next((n for n in range(1, MAX_NODES + 1)
                       if n * gpus_per_node > labelers and trainer_total(n * gpus_per_node - labelers, micro) <= usable), None)
     result = Plan(
-        shape=shape, nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=gpu_mem_gib, usable_gib=usable,
-        workers=workers, labelers=labelers, labeler_shards=shards, micro_batch=micro, block=block, label_batch=cfg.labels.batch_size,
+        shape=shape, nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=gpu_mem_gib,
+        workers=workers, labelers=labelers, labeler_shards=shards, block=block, label_batch=cfg.labels.batch_size,
         label_impl=cfg.labels.impl, dtype=cfg.dtype, batches=batches,
         trainer_states_gib=states_gib, trainer_layers_gib=layers_b / GIB, trainer_loss_gib=loss_b / GIB,
         trainer_cpu_gib_per_node=cpu_per_rank * min(workers, gpus_per_node),
         labeler_models_gib=models_b / GIB, labeler_forward_gib=forward_b / GIB, labeler_kernel_gib=kernel_b / GIB,
-        min_nodes=min_nodes, min_nodes_workers=min_nodes * gpus_per_node - labelers if min_nodes else 0,
+        min_nodes=min_nodes,
     )
     if not result.trainer_fits:
         per_node = min(workers, gpus_per_node)

@@ -1,8 +1,8 @@
 """SLURM: render slurm/obliviate.sbatch for one obliviate command, submit it, look at the job.
 
     script = render(["run", "configs/llama2-7b.yaml", "--baseline", "DIR", "--out", "RUN"], nodes=2,
-                    gpus_per_node=8, partition="gpu", time="24:00:00", account=None, job_name="obliviate")
-    job_id = submit(script, run_dir_of(command_args), dry_run=False)   # RUN/slurm/job.sbatch, sbatch --parsable
+                    gpus_per_node=8, partition="gpu", time="24:00:00", account=None, job_name="obliviate", run_dir=RUN)
+    job_id = submit(script, run_dir, dry_run=False)   # RUN/slurm/job.sbatch, sbatch --parsable
     exit_code = submit_and_wait(script, run_dir, on_queued=print)     # sbatch --wait: until the job ends
 
 The rendered script is the template with its `#SBATCH` header replaced (nodes, GPUs, requeue, the
@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
-from engine.errors import UserError
+from engine.errors import UserError, first_line
 
 COMMANDS = ("run", "reinforce", "unlearn", "demo")
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "obliviate.sbatch"
@@ -34,11 +34,6 @@ JOBS_FILE = Path("slurm") / "jobs"  # job ids submitted for the run directory, o
 TERM_LEAD_S = 120  # SIGTERM this long before the time limit: the driver checkpoints, the job requeues
 SBATCH_TIMEOUT_S = 120
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.,:@+=/\-\[\]]+")
-
-
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
 
 
 def _check_word(name: str, value: str | None) -> None:
@@ -78,40 +73,6 @@ def check_command(command_args: Sequence[str]) -> None:
         raise UserError("an argument holds a NUL character")
 
 
-def run_dir_of(command_args: Sequence[str]) -> Path:
-    """The run directory the command writes to: --out, else an `out=` override, else the config's `out`
-    (demo: configs/demo.yaml's). Relative paths stay relative to the current directory (the job's too)."""
-    out = None
-    args = list(command_args)
-    for i, arg in enumerate(args):
-        if arg == "--out" and i + 1 < len(args):
-            out = args[i + 1]
-        elif arg.startswith("--out="):
-            out = arg.split("=", 1)[1]
-    if out is None:
-        overrides = [arg.split("=", 1)[1] for arg in args[1:] if arg.startswith("out=")]
-        out = overrides[-1] if overrides else None
-    if out is None:
-        configs = [arg for arg in args[1:2] if arg.endswith((".yaml", ".yml"))]
-        config = Path(configs[0]) if configs else None
-        if config is None and args and args[0] == "demo":
-            from configs import CONFIG_DIR
-
-            config = CONFIG_DIR / "demo.yaml"
-        if config is not None and config.is_file():
-            import yaml
-
-            try:
-                value = (yaml.safe_load(config.read_text()) or {}).get("out")
-            except (yaml.YAMLError, AttributeError, OSError):
-                value = None
-            if isinstance(value, str) and value and value != "???":
-                out = value
-    if not out:
-        raise UserError("no run directory: pass --out RUN (the job script and the SLURM logs go there too)")
-    return Path(out)
-
-
 def check_fits(command: str, workers: int, labelers: int, nodes: int, gpus_per_node: int) -> None:
     """Refuse, before queueing, a GPU job too small for the config's trainer ranks (+ labelers to unlearn)."""
     if gpus_per_node <= 0 or command == "demo":
@@ -142,14 +103,13 @@ def render(
     job_name: str,
     extra_sbatch: Sequence[str] = (),
     *,
+    run_dir: Path,
     cpus_per_task: int | None = None,
-    term_lead_s: int = TERM_LEAD_S,
-    run_dir: Path | None = None,
     python: str | None = None,
 ) -> str:
     """The job script: slurm/obliviate.sbatch with an `#SBATCH` header for these resources and the command
-    line baked in (shell-quoted). `run_dir` defaults to `run_dir_of(command_args)`; its `slurm-logs`
-    folder gets the job's stdout/stderr. `python` (default: this interpreter) is where the job finds
+    line baked in (shell-quoted). `run_dir` is the command's run directory (the config's `out`); its
+    `slurm-logs` folder gets the job's stdout/stderr. `python` (default: this interpreter) is where the job finds
     `ray` and `obliviate`, unless OBLIVIATE_PYTHON is set when it runs."""
     command_args = [str(arg) for arg in command_args]
     check_command(command_args)
@@ -159,8 +119,6 @@ def render(
         raise UserError(f"--gpus-per-node {gpus_per_node}: give 0 or more")
     if cpus_per_task is not None and (not isinstance(cpus_per_task, int) or cpus_per_task < 1):
         raise UserError(f"--cpus-per-task {cpus_per_task}: give at least 1")
-    if not isinstance(term_lead_s, int) or term_lead_s < 1:
-        raise UserError(f"term_lead_s {term_lead_s}: give at least 1 second")
     for name, value in (("partition", partition), ("time", time), ("account", account), ("job-name", job_name)):
         _check_word(name, value)
     if not job_name:
@@ -172,8 +130,7 @@ def render(
         raise UserError(f"the job template {TEMPLATE} is missing: reinstall obliviate from its source tree")
 
     cwd = Path.cwd()
-    run_dir = Path(run_dir) if run_dir is not None else run_dir_of(command_args)
-    logs = (cwd / run_dir).resolve() / LOG_DIR
+    logs = (cwd / Path(run_dir)).resolve() / LOG_DIR
     header = [f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}", "#SBATCH --ntasks-per-node=1"]
     if gpus_per_node > 0:
         header.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
@@ -182,7 +139,7 @@ def render(
     header += [f"#SBATCH --{name}={value}" for name, value in (("partition", partition), ("time", time), ("account", account)) if value]
     header += [
         "#SBATCH --requeue",
-        f"#SBATCH --signal=B:TERM@{term_lead_s}",
+        f"#SBATCH --signal=B:TERM@{TERM_LEAD_S}",
         "#SBATCH --open-mode=append",
         f"#SBATCH --chdir={_sbatch_path(cwd)}",
         f"#SBATCH --output={_sbatch_path(logs, '/%x-%j.out')}",
@@ -224,7 +181,7 @@ def _record_job(stdout: str, stderr: str, run_dir: Path) -> str:
     lines = stdout.strip().splitlines()
     job_id = lines[-1].split(";")[0].strip() if lines else ""
     if not job_id:
-        raise UserError(f"sbatch printed no job id: {_one_line(stderr) or 'nothing'}")
+        raise UserError(f"sbatch printed no job id: {first_line(stderr) or 'nothing'}")
     try:
         with open(Path(run_dir) / JOBS_FILE, "a") as f:
             f.write(job_id + "\n")
@@ -247,7 +204,7 @@ def submit(script_text: str, run_dir: Path, dry_run: bool) -> str:
     except OSError as exc:
         raise UserError(f"cannot run sbatch: {exc.strerror or exc}") from None
     if proc.returncode != 0:
-        raise UserError(f"sbatch refused the job: {_one_line(proc.stderr) or f'exit code {proc.returncode}'}")
+        raise UserError(f"sbatch refused the job: {first_line(proc.stderr) or f'exit code {proc.returncode}'}")
     return _record_job(proc.stdout, proc.stderr, run_dir)
 
 
@@ -263,7 +220,7 @@ def submit_and_wait(script_text: str, run_dir: Path, on_queued: Callable[[str], 
     first = proc.stdout.readline()  # sbatch prints the id, flushed, before it starts waiting
     if not first.strip():
         stderr = proc.communicate()[1]
-        raise UserError(f"sbatch refused the job: {_one_line(stderr) or f'exit code {proc.returncode}'}")
+        raise UserError(f"sbatch refused the job: {first_line(stderr) or f'exit code {proc.returncode}'}")
     on_queued(_record_job(first, "", run_dir))
     proc.communicate()
     return proc.returncode
@@ -308,7 +265,7 @@ def status(job_id: str | Path) -> str:
         if proc.returncode == 0 and len(rows) > 1:
             return "\n".join(rows)
         if proc.returncode != 0 and not squeue:
-            raise UserError(f"sacct failed: {_one_line(proc.stderr) or f'exit code {proc.returncode}'}")
+            raise UserError(f"sacct failed: {first_line(proc.stderr) or f'exit code {proc.returncode}'}")
     raise UserError(f"job {job} is unknown to squeue and sacct (finished jobs leave squeue after a few minutes; accounting may be off)")
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
-DAEMONS = ["slurmctld", "slurmd", "sbatch", "munged"]
+PROGRAMS = ["slurmctld", "slurmd", "sbatch", "munged"]  # what the cluster and the tests run
 NODES = ("n1", "n2")
 CPUS_PER_NODE = 2
 MUNGE_PID = Path("/run/munge/munged.pid")
@@ -63,7 +63,7 @@ class LocalSlurm:
         after installing what was missing. Raises SlurmUnavailable when apt-get itself fails."""
         if os.geteuid() != 0:
             return "a local SLURM needs root (slurmd runs jobs as any user; munged and the install need it)"
-        if all(_which(name) for name in DAEMONS):
+        if all(_which(name) for name in PROGRAMS):
             return None
         if not _which("apt-get"):
             return f"no apt-get to install {' '.join(PACKAGES)}"
@@ -73,7 +73,7 @@ class LocalSlurm:
             if proc.returncode != 0:
                 tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
                 raise SlurmUnavailable(f"{' '.join(argv[:2])} failed: {tail}")
-        missing = [name for name in DAEMONS if not _which(name)]
+        missing = [name for name in PROGRAMS if not _which(name)]
         if missing:
             raise SlurmUnavailable(f"installed {' '.join(PACKAGES)} but {', '.join(missing)} is still missing")
         return None

@@ -6,7 +6,7 @@ import pytest
 
 from builders import tiny_llama
 from configs.schema import PAPER_TASKS
-from engine.benchmarks import PAPER_ACCURACY, load_tasks, run_benchmarks
+from engine.benchmarks import load_tasks, run_benchmarks
 from engine.errors import UserError
 
 TASK = """task: {name}
@@ -57,4 +57,4 @@ def test_unreachable_task_data_is_a_one_line_error(tmp_path):
 def test_the_paper_tasks_are_known_to_lm_eval():
     from engine.benchmarks import task_manager
 
-    assert set(PAPER_TASKS) == set(PAPER_ACCURACY) and set(PAPER_TASKS) <= set(task_manager().all_tasks)
+    assert set(PAPER_TASKS) <= set(task_manager().all_tasks)  # PAPER_TASKS are PAPER_ACCURACY's keys

@@ -289,3 +289,5 @@ def test_submit_dry_run_renders_a_valid_script_bound_to_no_public_address(tmp_pa
     assert "#SBATCH --partition=gpu" in script and "#SBATCH --requeue" in script
     code, _, err = obliviate(*argv, "--nodes", "1", "--gpus-per-node", "4", "--dry-run", capsys=capsys)
     assert code == 2 and "obliviate: error:" in err and "Traceback" not in err  # 4 ranks + 4 labelers need 8 GPUs
+    code, _, err = obliviate(*argv[:-2], "--nodes", "1", "--gpus-per-node", "8", "--dry-run", capsys=capsys)
+    assert_one_line_error(code, err, "no value for out: pass --out")  # the job script and its logs go to the run directory

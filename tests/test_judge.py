@@ -158,7 +158,7 @@ def test_llm_judge_generates_deterministically_with_the_real_model(judge_dir):
     assert first == second
     graded = judge.grade(ITEMS[:3])
     assert [answer for _, answer in graded] == first
-    assert all(grade is None or 0 <= grade <= 3 for grade, _ in graded)
+    assert [grade for grade, _ in graded] == [parse_familiarity(answer) for answer in first]
 
 
 def assert_not_generative(path):

@@ -188,6 +188,9 @@ def test_70b_labelers_fit_only_sharded_over_a_node(name, labeler_gib):
     head, layer = shape.vocab * shape.hidden, (shape.params - 2 * shape.vocab * shape.hidden) // shape.layers
     assert p.labeler_models_gib == pytest.approx((2 * shape.params * 2 // 8 + (2 * head + 2 * layer) * 2) / GIB)
     assert p.fits and p.labeler_gib == pytest.approx(labeler_gib, abs=0.05) and (p.workers, p.labelers, p.labeler_shards) == (32, 8, 8)
+    # Too few shards for the usable memory: the advice is more shards, not a smaller label batch.
+    p = plan(cfg_for(name, "engine.labelers=4", "engine.labeler_shards=4"), shape, 5, 8, 76)
+    assert not p.labeler_fits and "raise engine.labeler_shards" in p.verdict
 
 
 def test_unknown_models_and_bad_directories_are_one_line_user_errors(tmp_path):
