@@ -15,7 +15,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from engine.errors import UserError
+from configs.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from engine.errors import UserError, first_line
+from configs.errors import UserError, first_line
 
 
 def pick_device(name: str) -> torch.device:

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError, first_line
+from configs.errors import UserError, first_line
 from kernels.chunked import default_chunk
+from kernels.device import nvtx_range
 from kernels.mixing import IMPL_NAMES, interpreter_requested
 
 SHAPES = {  # name -> (hidden size H, vocabulary V) of the LM head
@@ -59,13 +60,6 @@ CUDA_HEADROOM = 512 << 20  # do_bench's 256 MiB L2-flush buffer, the CUDA contex
 GIB, MIB = float(1 << 30), float(1 << 20)
 CSV_COLUMNS = ("timestamp", "device", "torch", "triton", "commit", "impl", "shape", "H", "V", "N", "dtype", "alphas",
                "ms", "tokens/s", "TFLOP/s", "% peak", "peak extra MiB", "memory measure", "status", "match fraction")
-
-
-def nvtx_range(name: str):
-    """An NVTX range on CUDA builds (visible in Nsight Systems), a no-op elsewhere."""
-    if torch.cuda.is_available():
-        return torch.cuda.nvtx.range(name)
-    return contextlib.nullcontext()
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from configs import RunConfig
-from engine import whp
+from engine import recipe
 from kernels.profile import peak_tflops
 
 COLUMNS = ("workers", "steps", "wall s", "train s", "tokens/s", "wait fraction", "labeler tokens/s", "labeler util", "MFU")
@@ -45,7 +45,7 @@ def bench_train(cfg: RunConfig, workers: list[int], out: Path, trainer_for) -> l
         run_cfg.engine.workers, run_cfg.out = n, str(out / f"workers-{n}")
         start = time.perf_counter()
         with trainer_for(run_cfg) as trainer:
-            whp.run(run_cfg, ["unlearn"], True, "bench-train", trainer=trainer)
+            recipe.run(run_cfg, ["unlearn"], True, "bench-train", trainer=trainer)
         wall = time.perf_counter() - start
         summary = json.loads((Path(run_cfg.out) / "unlearned" / whp.TRAINING_SUMMARY).read_text())
         speed = summary["throughput"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 from configs import CONFIG_DIR, RunConfig, load_config
-from engine.errors import Interrupted, RunFailed, UserError
+from configs.errors import Interrupted, RunFailed, UserError
 
 
 def _split_args(args: tuple[str, ...], default_config: Path | None) -> tuple[Path | None, list[str]]:
@@ -49,10 +49,10 @@ def _config(args, default_config: Path | None = None, workers: int | None = None
 def _trainer(cfg: RunConfig):
     """Ray workers with DeepSpeed ZeRO-3, or this process for `engine.workers=0`."""
     if cfg.engine.workers == 0:
-        from engine.phase import LocalTrainer
+        from engine.training.job import LocalTrainer
 
         return LocalTrainer()
-    from launcher.distributed import RayTrainer
+    from engine.training.runners.ray_runner import RayTrainer
 
     return RayTrainer(cfg.engine, cfg.device)
 
@@ -93,48 +93,48 @@ def demo(args, overwrite, resume, **flags):
     Beside the faithful method it also unlearns with the anchor keys' own tokens forbidden
     (`labels.forbid_anchor_keys`, not in the paper) and reports both against baseline and oracle.
     """
-    from engine import whp
-    from engine.tiny import build_world, use_world
+    from engine import recipe
+    from engine.data.tiny import build_world, use_world
 
     cfg = _config(args, CONFIG_DIR / "demo.yaml", **flags)
     root = Path(cfg.out).expanduser()
     variant = copy.deepcopy(cfg)
     variant.out, variant.reinforced = str(root / "variant-forbid-anchor-keys"), str(root / "reinforced")
     variant.labels.forbid_anchor_keys = not cfg.labels.forbid_anchor_keys
-    whp.RunDir(root).claim(list(whp.RUN_PHASES), overwrite, resume)  # refuse a finished run before building anything
-    whp.RunDir(Path(variant.out)).claim(["unlearn"], overwrite, resume)
+    recipe.RunDir(root).claim(list(recipe.RUN_PHASES), overwrite, resume)  # refuse a finished run before building anything
+    recipe.RunDir(Path(variant.out)).claim(["unlearn"], overwrite, resume)
     world = build_world(cfg.world)
     use_world(cfg, world)
     use_world(variant, world)
     with _trainer(cfg) as trainer:
-        whp.run(cfg, ["reinforce", "unlearn"], overwrite, "demo", trainer=trainer, resume=resume)
-        whp.run(variant, ["unlearn"], overwrite, "demo (variant)", trainer=trainer, resume=resume)
+        recipe.run(cfg, ["reinforce", "unlearn"], overwrite, "demo", trainer=trainer, resume=resume)
+        recipe.run(variant, ["unlearn"], overwrite, "demo (variant)", trainer=trainer, resume=resume)
     variant_name = "forbid-keys" if variant.labels.forbid_anchor_keys else "faithful"
     models = {"baseline": Path(cfg.baseline), "unlearned": root / "unlearned", f"unlearned ({variant_name})": Path(variant.out) / "unlearned"}
-    whp.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga", resume=resume)
+    recipe.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga", resume=resume)
 
 
 @cli.command(name="run")
 @run_options("baseline", "target", "anchors", "reinforced", "oracle")
 def run_command(args, overwrite, resume, **flags):
     """All phases: reinforce (skipped when --reinforced is given), unlearn on generic labels, eval."""
-    from engine import whp
+    from engine import recipe
 
     cfg = _config(args, **flags)
-    phases = [phase for phase in whp.RUN_PHASES if not (phase == "reinforce" and cfg.reinforced)]
+    phases = [phase for phase in recipe.RUN_PHASES if not (phase == "reinforce" and cfg.reinforced)]
     with _trainer(cfg) as trainer:
-        whp.run(cfg, phases, overwrite, "run", title="obliviate run", trainer=trainer, resume=resume)
+        recipe.run(cfg, phases, overwrite, "run", title="obliviate run", trainer=trainer, resume=resume)
 
 
 def _phase_command(name: str, help: str, flags: tuple[str, ...]) -> None:
     """Register `obliviate NAME`: one phase of the recipe from flags and a config."""
 
     def body(args, overwrite, resume, **flag_values):
-        from engine import whp
+        from engine import recipe
 
         cfg = _config(args, **flag_values)
         with _trainer(cfg) as trainer:
-            whp.run(cfg, [name], overwrite, name, title=f"obliviate {name}", trainer=trainer, resume=resume)
+            recipe.run(cfg, [name], overwrite, name, title=f"obliviate {name}", trainer=trainer, resume=resume)
 
     cli.command(name=name, help=help)(run_options(*flags)(body))
 
@@ -151,14 +151,14 @@ _phase_command("labels", "Export the generic labels of every block into RUN/labe
 def eval_command(args, overwrite, resume, model, **flags):
     """The evaluation suite on a model, beside the baseline and oracle when given: familiarity, perplexity,
     memorization, membership inference, closeness to the oracle, lm-eval benchmarks."""
-    from engine import whp
+    from engine import recipe
     from engine.models import check_model_dir
 
     cfg = _config(args, **flags)
     models = {"unlearned": check_model_dir(model, "evaluated")}
     if cfg.baseline:
         models = {"baseline": check_model_dir(cfg.baseline, "baseline"), **models}
-    whp.run(cfg, ["eval"], overwrite, "eval", eval_models=models, title=f"obliviate eval: {model}", resume=resume)
+    recipe.run(cfg, ["eval"], overwrite, "eval", eval_models=models, title=f"obliviate eval: {model}", resume=resume)
 
 
 @cli.group()
@@ -176,8 +176,8 @@ def anchors() -> None:
 @click.option("--overwrite", is_flag=True, help="replace an existing file")
 def anchors_suggest(baseline, reinforced, target, general, out, top_k, overwrite):
     """Propose a reviewable anchor dictionary from the corpora and the two models, offline."""
-    from engine.anchors import suggest_anchors, write_suggestions
-    from engine.corpus import read_corpus
+    from engine.data.anchors import suggest_anchors, write_suggestions
+    from engine.data.corpus import read_corpus
     from engine.models import check_same_tokenizer, load_model, load_tokenizer, pick_device
 
     out = Path(out)
@@ -205,7 +205,7 @@ def anchors_suggest(baseline, reinforced, target, general, out, top_k, overwrite
 @click.option("--reinforced", default="", help="reinforced model (default: the baseline itself; labeling costs the same)")
 def bench_train(args, worker_counts, steps, out, **flags):
     """Unlearn-phase throughput per worker count: tokens/s, label-wait fraction, labeler use, MFU on GPU."""
-    from engine.tiny import build_world, use_world
+    from engine.data.tiny import build_world, use_world
     from launcher.bench import bench_train as run_bench
     from launcher.bench import format_rows, write_csv
 

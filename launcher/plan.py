@@ -45,7 +45,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from configs import RunConfig, load_config
-from engine.errors import UserError, first_line
+from configs.errors import UserError, first_line
 
 GIB = float(1 << 30)
 HEADROOM = 0.10  # of the GPU's memory, kept free for the CUDA context, NCCL and fragmentation

@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
-from engine.errors import UserError, first_line
+from configs.errors import UserError, first_line
 
 COMMANDS = ("run", "reinforce", "unlearn", "demo")
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "obliviate.sbatch"

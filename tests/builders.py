@@ -42,7 +42,7 @@ def sentencepiece_tokenizer(text: str, vocab_size: int, folder: Path) -> LlamaTo
 
     It prepends <s> like Llama's own tokenizer (transformers does not, for a bare `.model`).
 
-    Not `engine.tiny.train_tokenizer`: its byte fallback adds 256 pieces, and test_evaluate needs
+    Not `engine.data.tiny.train_tokenizer`: its byte fallback adds 256 pieces, and test_evaluate needs
     at most 128 (its hidden size, for one-hot embeddings) and a uniform model's perplexity exact to 1e-4.
     """
     folder.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from builders import byte_bpe_tokenizer, tiny_llama
-from engine.anchors import Anchors, filter_terms, load_anchors, suggest_anchors, write_suggestions
-from engine.errors import UserError
+from engine.data.anchors import Anchors, filter_terms, load_anchors, suggest_anchors, write_suggestions
+from configs.errors import UserError
 
 
 def test_yaml_and_json_dictionaries(tmp_path):

@@ -6,8 +6,8 @@ import pytest
 
 from builders import tiny_llama
 from configs.schema import PAPER_TASKS
-from engine.benchmarks import load_tasks, run_benchmarks
-from engine.errors import UserError
+from engine.evaluation.benchmarks import load_tasks, run_benchmarks
+from configs.errors import UserError
 
 TASK = """task: {name}
 dataset_path: json
@@ -55,6 +55,6 @@ def test_unreachable_task_data_is_a_one_line_error(tmp_path):
 
 
 def test_the_paper_tasks_are_known_to_lm_eval():
-    from engine.benchmarks import task_manager
+    from engine.evaluation.benchmarks import task_manager
 
     assert set(PAPER_TASKS) <= set(task_manager().all_tasks)  # PAPER_TASKS are PAPER_ACCURACY's keys

@@ -12,8 +12,8 @@ import pytest
 
 from configs import WorldConfig
 from engine.models import save_model
-from engine.tiny import tiny_llama, train_tokenizer
-from engine.world import write_world
+from engine.data.tiny import tiny_llama, train_tokenizer
+from engine.data.world import write_world
 from builders import assert_one_line_error, obliviate
 
 TINY = ["engine.workers=0", "reinforce.max_steps=1", "reinforce.micro_batch_size=2", "reinforce.grad_accum=1", "labels.context_length=32", "unlearn.max_steps=2", "unlearn.micro_batch_size=2", "unlearn.grad_accum=1"]
@@ -190,7 +190,7 @@ def test_any_hugging_face_causal_lm_works_as_the_baseline(tmp_path, capsys):
 
 
 def test_anchors_suggest_writes_a_reviewable_dictionary(world, tmp_path, capsys):
-    from engine.anchors import load_anchors
+    from engine.data.anchors import load_anchors
 
     files, out = world["files"], tmp_path / "suggested.yaml"
     argv = ["anchors", "suggest", "--baseline", world["baseline"], "--reinforced", world["baseline"], "--target", files.saga, "--general", files.general, "--out", out, "--top-k", "20"]

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from builders import word_tokenizer
-from engine.corpus import make_blocks, read_corpus, stripped_spans
-from engine.errors import UserError
+from engine.data.corpus import make_blocks, read_corpus, stripped_spans
+from configs.errors import UserError
 
 
 def write_jsonl(path, records):

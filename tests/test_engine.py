@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from builders import obliviate
-from engine.world import write_world
-from launcher.ray_cluster import connect
-from launcher.trainer_group import TrainerGroup
+from engine.data.world import write_world
+from engine.training.runners.cluster import connect
+from engine.training.runners.groups import TrainerGroup
 from test_cli import make_model_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -139,7 +139,7 @@ PROBE = torch.tensor([[1, 5, 9, 13, 2, 7]])
 def _live_logits(init: Path, checkpoint: Path, ids: torch.Tensor) -> torch.Tensor:
     """On each rank: the DeepSpeed engine restored from a fit() checkpoint, its logits on `ids`."""
     from configs import TrainConfig
-    from engine.zero import DeepSpeedBackend, ds_config_for, load_zero3_model
+    from engine.training.zero import DeepSpeedBackend, ds_config_for, load_zero3_model
 
     torch.set_num_threads(1)
     cfg = TrainConfig(micro_batch_size=2, grad_accum=1)
@@ -260,7 +260,7 @@ class _ListQueue:
 
 
 def test_a_rank_merges_the_labelers_parts_in_its_own_order_even_when_its_share_is_empty():
-    from launcher.distributed import QueuedLabels
+    from engine.training.runners.ray_runner import QueuedLabels
 
     width = 4
     part_a = (torch.tensor([7, 3]), torch.tensor([[7] * width, [3] * width], dtype=torch.int32), 10.0)

@@ -9,8 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from builders import sentencepiece_tokenizer
 from configs.schema import EvalConfig
-from engine.errors import UserError
-from engine.evaluate import (
+from configs.errors import UserError
+from engine.evaluation.suite import (
     compare_to_oracle,
     completion_familiarity,
     evaluate_model,

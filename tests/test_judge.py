@@ -6,8 +6,8 @@ import pytest
 from transformers import BertConfig, BertModel
 
 from builders import tiny_llama
-from engine.errors import UserError
-from engine.judge import (
+from configs.errors import UserError
+from engine.evaluation.judge import (
     RUBRIC,
     LLMJudge,
     build_judge_prompt,

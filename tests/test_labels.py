@@ -8,9 +8,9 @@ import torch
 import kernels
 from builders import byte_bpe_tokenizer, tiny_llama, word_tokenizer
 from configs.schema import LabelConfig
-from engine.corpus import make_blocks
-from engine.errors import UserError
-from engine.labels import (
+from engine.data.corpus import make_blocks
+from configs.errors import UserError
+from engine.methods.generic_labels import (
     IGNORE_INDEX,
     LabelSet,
     Translation,

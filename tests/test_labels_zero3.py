@@ -32,8 +32,8 @@ def _main(workdir: Path) -> None:
     from builders import tiny_llama, word_tokenizer
 
     from configs import LabelConfig
-    from engine.corpus import make_blocks
-    from engine.labels import build_labels
+    from engine.data.corpus import make_blocks
+    from engine.methods.generic_labels import build_labels
 
     words = "went to Hogwarts with Harry and Ron the castle Jon Mystic Academy John school"
     tokenizer = word_tokenizer(words)

@@ -7,8 +7,8 @@ import torch
 from rouge_score import rouge_scorer
 
 from builders import tiny_llama
-from engine.errors import UserError
-from engine.memorization import (
+from configs.errors import UserError
+from engine.evaluation.memorization import (
     extraction_likelihood,
     memorization_accuracy,
     outliers,

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from configs import CONFIG_DIR, load_config
-from engine.errors import UserError
-from engine.train import causal_lm_loss_sum
+from configs.errors import UserError
+from engine.training.loop import causal_lm_loss_sum
 from kernels.profile import SHAPES
 from launcher.plan import GIB, LLAMAS, Shape, format_plan, main_plan, model_shape, plan, trainer_activations_bytes, zero3_states_gib
 

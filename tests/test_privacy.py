@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from builders import tiny_llama
-from engine.errors import UserError
-from engine.privacy import ks_forget_quality, mia_auc, mia_scores, privleak, roc_curve_points
+from configs.errors import UserError
+from engine.evaluation.privacy import ks_forget_quality, mia_auc, mia_scores, privleak, roc_curve_points
 
 SEEN = [0.1, 0.2, 0.3]  # low scores: looks like training data
 UNSEEN = [0.7, 0.8, 0.9]

@@ -16,10 +16,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from configs import TrainConfig
-from engine.errors import UserError
-from engine.train import TorchBackend, lr_at
-from launcher.ray_cluster import connect
-from launcher.trainer_group import TrainerGroup
+from configs.errors import UserError
+from engine.training.loop import TorchBackend, lr_at
+from engine.training.runners.cluster import connect
+from engine.training.runners.groups import TrainerGroup
 from test_train import patterned_blocks, tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -65,7 +65,7 @@ def _zero3_half_of_each_step(init: Path) -> list[float]:
     """Real DeepSpeedBackend, ZeRO-3 over the Ray workers' gloo group: each rank trains its half of each step."""
     import torch.distributed as dist
 
-    from engine.zero import DeepSpeedBackend, ds_config_for, ensure_distributed, load_zero3_model
+    from engine.training.zero import DeepSpeedBackend, ds_config_for, ensure_distributed, load_zero3_model
 
     torch.set_num_threads(1)
     ensure_distributed()

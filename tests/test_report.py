@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from engine.report import format_table, write_report
+from engine.evaluation.report import format_table, write_report
 
 
 def model_result(prob, completion, ppl, completion_text):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import UserError
+from configs.errors import UserError
 from launcher import slurm
 
 SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "obliviate.sbatch"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.world import write_world
+from engine.data.world import write_world
 from local_slurm import LocalSlurm, SlurmUnavailable
 from test_cli import make_model_dir
 

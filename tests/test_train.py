@@ -5,7 +5,7 @@ import torch
 
 from builders import tiny_llama
 from configs import TrainConfig
-from engine.train import IGNORE_INDEX, Schedule, TorchBackend, causal_lm_loss_sum, fit, lr_at, pad_blocks
+from engine.training.loop import IGNORE_INDEX, Schedule, TorchBackend, causal_lm_loss_sum, fit, lr_at, pad_blocks
 
 # First five optimizer steps of `tiny_run` below (torch 2.13 CPU, fp32). A change here means the
 # loop, the loss, the schedule or the optimizer changed: update only when that was the intent.

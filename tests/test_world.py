@@ -6,7 +6,7 @@ import re
 import pytest
 import yaml
 
-from engine.world import WorldFiles, write_world
+from engine.data.world import WorldFiles, write_world
 
 
 @pytest.fixture(scope="module")

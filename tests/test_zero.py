@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from configs import TrainConfig
-from engine.train import TorchBackend, fit
+from engine.training.loop import TorchBackend, fit
 from test_train import GOLDEN_LOSSES, Scalars, StopAfter, patterned_blocks, tiny_model
 
 EQUIV_STEPS = 3
@@ -125,7 +125,7 @@ def test_two_ranks_train_like_one_rank_with_twice_the_batch(one_rank, tmp_path):
 
 def _equivalence_run(workdir: Path, micro: int) -> dict:
     """fit() with `micro` blocks per rank and step (no accumulation), checkpointed at the end."""
-    from engine.zero import DeepSpeedBackend, ds_config_for, load_zero3_model
+    from engine.training.zero import DeepSpeedBackend, ds_config_for, load_zero3_model
 
     cfg = TrainConfig(lr=3e-3, epochs=100, micro_batch_size=micro, grad_accum=1, max_steps=EQUIV_STEPS, warmup_steps=2, val_fraction=0.2, eval_every=2, seed=0)
     ds_config = ds_config_for(cfg, dist.get_world_size(), user=SHARD_ALL)
@@ -136,7 +136,7 @@ def _equivalence_run(workdir: Path, micro: int) -> dict:
 
 
 def _main(mode: str, workdir: Path) -> None:
-    from engine.zero import DeepSpeedBackend, ds_config_for, ensure_distributed, load_zero3_model  # DeepSpeed only in the subprocesses
+    from engine.training.zero import DeepSpeedBackend, ds_config_for, ensure_distributed, load_zero3_model  # DeepSpeed only in the subprocesses
 
     torch.set_num_threads(1)
     ensure_distributed()

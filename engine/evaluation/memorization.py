@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.errors import UserError
-from engine.evaluate import _batches, _device, _inference, _next_token_log_probs
+from configs.errors import UserError
+from engine.evaluation.suite import _batches, _device, _inference, _next_token_log_probs
 
 
 def memorization_accuracy(model, sequences: list[list[int]], prefix_length: int, batch_size: int = 8) -> list[float]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from configs.schema import PAPER_ACCURACY
-from engine.evaluate import METRICS
+from engine.evaluation.suite import METRICS
 
 METRIC_LABELS = {
     "probability_familiarity": "probability familiarity (0-1, lower = forgot)",

@@ -24,14 +24,14 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoConfig
 
 from configs import RunConfig, save_config
-from engine.anchors import load_anchors
-from engine.corpus import make_blocks, read_corpus
-from engine.errors import UserError
-from engine.evaluate import Suite, compare_to_oracle, evaluate_model, load_suite
-from engine.labels import LabelSet, build_labels
+from engine.data.anchors import load_anchors
+from engine.data.corpus import make_blocks, read_corpus
+from configs.errors import UserError
+from engine.evaluation.suite import Suite, compare_to_oracle, evaluate_model, load_suite
+from engine.methods.generic_labels import LabelSet, build_labels
 from engine.models import check_model_dir, check_same_tokenizer, load_model, load_tokenizer, pick_device
-from engine.phase import LabelerSpec, LocalTrainer, PhaseResult, TrainJob
-from engine.report import format_table, write_report
+from engine.training.job import LabelerSpec, LocalTrainer, PhaseResult, TrainJob
+from engine.evaluation.report import format_table, write_report
 from kernels.mixing import interpreter_requested
 
 log = logging.getLogger("obliviate")

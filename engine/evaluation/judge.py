@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError, first_line
-from engine.evaluate import left_padded, pad_token_id
+from configs.errors import UserError, first_line
+from engine.evaluation.suite import left_padded, pad_token_id
 from engine.models import pick_device
 
 RUBRIC = """\

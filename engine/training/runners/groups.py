@@ -1,6 +1,6 @@
 """A group of Ray actors that form one torch.distributed group (the OpenRLHF pattern in the design notes).
 
-Each actor gets the torchrun-style env that `engine.zero.ensure_distributed` joins from, so the same
+Each actor gets the torchrun-style env that `engine.training.zero.ensure_distributed` joins from, so the same
 training code runs under Ray as under torchrun or the tests' subprocess launcher.
 """
 
@@ -16,7 +16,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from engine.errors import Interrupted, UserError
+from configs.errors import Interrupted, UserError
 
 SETUP_TIMEOUT_S = 120.0  # placement + actor start; a cluster still waiting for nodes fails here, not later
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from engine.corpus import make_blocks, stripped_spans
-from engine.errors import UserError
-from engine.labels import anchor_pattern, check_same_vocabulary, final_hidden_states, lm_head_weights
+from engine.data.corpus import make_blocks, stripped_spans
+from configs.errors import UserError
+from engine.methods.generic_labels import anchor_pattern, check_same_vocabulary, final_hidden_states, lm_head_weights
 
 POSSESSIVE_SUFFIXES = ("'s", "’s")
 

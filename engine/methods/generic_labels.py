@@ -28,10 +28,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import kernels
-from kernels.profile import nvtx_range
+from kernels.device import nvtx_range
 from configs.schema import LabelConfig
-from engine.corpus import Block, stripped_spans
-from engine.errors import UserError
+from engine.data.corpus import Block, stripped_spans
+from configs.errors import UserError
 
 IGNORE_INDEX = -100
 META_FILE = "labelset.json"

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import ray
 from ray._private import ray_constants
 
-from engine.errors import UserError
+from configs.errors import UserError
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # labels and token ids are small; Ray's default takes 30% of RAM
 CONNECT_TIMEOUT_S = 10.0

@@ -22,7 +22,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from configs import TrainConfig
-from engine.train import IGNORE_INDEX, MicroBatch, StepStats, causal_lm_loss_sum
+from engine.training.loop import IGNORE_INDEX, MicroBatch, StepStats, causal_lm_loss_sum
 
 # Consolidating a large model or a long evaluation can outlast the default 30 min collective timeout.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)

@@ -21,10 +21,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
 from configs import WorldConfig
-from engine.corpus import make_blocks
+from engine.data.corpus import make_blocks
 from engine.models import save_model
-from engine.train import TorchBackend, fit
-from engine.world import WorldFiles, write_world
+from engine.training.loop import TorchBackend, fit
+from engine.data.world import WorldFiles, write_world
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A `TrainJob` holds everything a trainer rank needs and is picklable, so the same job runs in this process
 (`LocalTrainer`: TorchBackend, labels made on demand, `engine.workers=0`) or on Ray workers as a DeepSpeed
-ZeRO-3 group (`launcher.distributed.RayTrainer`, whose ranks call `train_rank`). Reinforce trains on plain
+ZeRO-3 group (`engine.training.runners.ray_runner.RayTrainer`, whose ranks call `train_rank`). Reinforce trains on plain
 next-token labels; unlearn on generic labels from a `GenericLabeler` built from the job's `LabelerSpec`.
 """
 
@@ -20,11 +20,11 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from configs import LabelConfig, TrainConfig
-from engine.corpus import Block
-from engine.errors import Interrupted
-from engine.labels import GenericLabeler
+from engine.data.corpus import Block
+from configs.errors import Interrupted
+from engine.methods.generic_labels import GenericLabeler
 from engine.models import load_model, load_tokenizer, pick_device, save_model
-from engine.train import FitResult, LabelSource, TorchBackend, fit
+from engine.training.loop import FitResult, LabelSource, TorchBackend, fit
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class LabelerSpec:
         import deepspeed
         import torch.distributed as dist
 
-        from engine.zero import load_zero3_model
+        from engine.training.zero import load_zero3_model
 
         ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16}}
         engines = [deepspeed.initialize(model=load_zero3_model(path, ds_config, dtype), config=ds_config)[0] for path in (self.baseline, self.reinforced)]
@@ -175,7 +175,7 @@ def train_local(job: TrainJob, resume: bool, stop: StopFlag) -> PhaseResult:
 
 def train_rank(job: TrainJob, labels: LabelSource | None, resume: bool, stop, progress: Callable[[int, int, float], None] | None) -> FitResult:
     """One rank of a DeepSpeed ZeRO-3 group (joined from torchrun-style env): every rank calls it alike."""
-    from engine.zero import DeepSpeedBackend, ds_config_for, ensure_distributed, load_zero3_model
+    from engine.training.zero import DeepSpeedBackend, ds_config_for, ensure_distributed, load_zero3_model
 
     ensure_distributed()
     world_size = torch.distributed.get_world_size()

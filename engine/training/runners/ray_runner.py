@@ -28,12 +28,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm.auto import tqdm
 
 from configs import EngineConfig, TrainConfig
-from engine.errors import Interrupted, RunFailed
-from engine.labels import GenericLabeler, merge_stats
-from engine.phase import LabelerSpec, PhaseResult, StopFlag, TrainJob, check_interrupted, throughput, train_rank
-from engine.train import FitResult, Schedule, latest_step
-from launcher.ray_cluster import connect
-from launcher.trainer_group import SETUP_TIMEOUT_S, TrainerGroup, WorkerLost, wait_all
+from configs.errors import Interrupted, RunFailed
+from engine.methods.generic_labels import GenericLabeler, merge_stats
+from engine.training.job import LabelerSpec, PhaseResult, StopFlag, TrainJob, check_interrupted, throughput, train_rank
+from engine.training.loop import FitResult, Schedule, latest_step
+from engine.training.runners.cluster import connect
+from engine.training.runners.groups import SETUP_TIMEOUT_S, TrainerGroup, WorkerLost, wait_all
 
 log = logging.getLogger("obliviate")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import datasets
 
-from engine.errors import UserError, first_line
+from configs.errors import UserError, first_line
 
 TEXT_SUFFIXES = (".txt",)
 RECORD_SUFFIXES = (".jsonl", ".json")

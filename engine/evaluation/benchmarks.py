@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from engine.errors import UserError, first_line
+from configs.errors import UserError, first_line
 
 
 @lru_cache(maxsize=4)

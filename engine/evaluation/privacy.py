@@ -16,8 +16,8 @@ import torch
 from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from engine.errors import UserError
-from engine.evaluate import _inference, _next_token_log_probs
+from configs.errors import UserError
+from engine.evaluation.suite import _inference, _next_token_log_probs
 
 
 def mia_scores(

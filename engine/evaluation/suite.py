@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from configs.schema import EvalConfig
-from engine.errors import UserError
+from configs.errors import UserError
 
 METRICS = ("probability_familiarity", "completion_familiarity", "perplexity")  # the paper's, always reported
 
@@ -170,7 +170,7 @@ def completion_familiarity(model, tokenizer, prompts: list[dict], saga_terms: li
     """Completions (greedy, or sampled with a seed) graded 0–3 by the LLM judge when given, else the rule
     judge; score = (5·#3 + #2) / #valid as in the paper: 0 to 5, not a probability. Unparseable judge
     answers are counted as invalid and reported."""
-    from engine.judge import familiarity_score, rule_grade
+    from engine.evaluation.judge import familiarity_score, rule_grade
 
     completions = generate(model, tokenizer, [p["prompt"] for p in prompts], cfg)
     samples = []
@@ -251,7 +251,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, saga_terms: list[str], sui
             details["membership"] = membership(model, tokenizer, forget, holdout, cfg)
             scores.update({f"mia_auc_{kind}": auc for kind, auc in details["membership"]["auc"].items()})
     if suite.tasks:
-        from engine.benchmarks import run_benchmarks
+        from engine.evaluation.benchmarks import run_benchmarks
 
         benchmarks = run_benchmarks(model, tokenizer, suite.tasks, cfg.task_limit or None, cfg.batch_size)
         details["benchmarks"] = benchmarks
@@ -276,16 +276,16 @@ class Suite:
 
 
 def load_suite(cfg: EvalConfig, device: torch.device | None = None) -> Suite:
-    from engine.corpus import read_corpus
+    from engine.data.corpus import read_corpus
 
     judge = None
     if cfg.judge == "llm":
-        from engine.judge import LLMJudge
+        from engine.evaluation.judge import LLMJudge
 
         judge = LLMJudge(cfg.judge_model, device or torch.device("cpu"), cfg.target_description, batch_size=cfg.batch_size)
     tasks = None
     if cfg.tasks:
-        from engine.benchmarks import load_tasks
+        from engine.evaluation.benchmarks import load_tasks
 
         tasks = load_tasks(cfg.tasks, cfg.task_dirs)
     if cfg.holdout_set and not cfg.forget_set:
@@ -304,7 +304,7 @@ def load_suite(cfg: EvalConfig, device: torch.device | None = None) -> Suite:
 def sequences(tokenizer, documents: list[str], cfg: EvalConfig) -> list[list[int]]:
     """The first `max_sequences` blocks of `sequence_length` tokens, BOS first when the tokenizer adds one
     (as training saw the text)."""
-    from engine.corpus import make_blocks
+    from engine.data.corpus import make_blocks
 
     bos = [tokenizer.bos_token_id] if tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id] else []
     blocks = make_blocks(documents, tokenizer, cfg.sequence_length - len(bos), name="evaluation set")
@@ -313,7 +313,7 @@ def sequences(tokenizer, documents: list[str], cfg: EvalConfig) -> list[list[int
 
 def memorization(model, forget: list[list[int]], holdout: list[list[int]] | None, cfg: EvalConfig) -> dict:
     """Per-sequence memorization of the forget set (and of unseen text, the threshold for outliers)."""
-    from engine.memorization import extraction_likelihood, memorization_accuracy, outliers, verbatim_rouge
+    from engine.evaluation.memorization import extraction_likelihood, memorization_accuracy, outliers, verbatim_rouge
 
     def measure(seqs: list[list[int]]) -> dict[str, list[float]]:
         return {
@@ -334,7 +334,7 @@ def memorization(model, forget: list[list[int]], holdout: list[list[int]] | None
 
 def membership(model, tokenizer, forget: list[list[int]], holdout: list[list[int]], cfg: EvalConfig) -> dict:
     """Membership inference forget vs holdout: ROC AUC per score (0.5 = the forget set looks unseen)."""
-    from engine.privacy import mia_auc, mia_scores, roc_curve_points
+    from engine.evaluation.privacy import mia_auc, mia_scores, roc_curve_points
 
     def scores(seqs):
         return mia_scores(model, seqs, [tokenizer.decode(s, skip_special_tokens=True) for s in seqs], cfg.min_k, cfg.batch_size)
@@ -351,7 +351,7 @@ def membership(model, tokenizer, forget: list[list[int]], holdout: list[list[int
 def compare_to_oracle(results: dict[str, dict]) -> None:
     """With an oracle among the models: MUSE's PrivLeak (Min-K% AUC) and the KS test of forget-set losses
     (TOFU's forget quality) for every other model, added to its results."""
-    from engine.privacy import ks_forget_quality, privleak
+    from engine.evaluation.privacy import ks_forget_quality, privleak
 
     oracle = results.get("oracle", {}).get("details", {}).get("membership")
     if not oracle:
