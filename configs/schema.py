@@ -1,7 +1,7 @@
 """Typed configuration of an obliviate run.
 
 One `RunConfig` drives every command: YAML files in this folder give the defaults, `key=value`
-overrides on the command line (`train.lr=1e-5`) and plain flags (`--baseline DIR`) refine them.
+overrides on the command line (`unlearn.lr=1e-5`) and plain flags (`--baseline DIR`) refine them.
 OmegaConf checks types while merging; `validate()` checks values, so a bad config fails before
 anything is written.
 """
@@ -50,7 +50,7 @@ class TrainConfig:
 
 @dataclass
 class LabelConfig:
-    """Generic-label generation (whp-algorithm.md, 'Generic labels, per block')."""
+    """Generic-label generation (docs/algorithm.md)."""
 
     context_length: int = 512  # tokens per block; the final partial block is dropped
     alpha: float = 5.0  # the α that the unlearn phase trains on
@@ -198,6 +198,7 @@ class EngineConfig:
 @dataclass
 class RunConfig:
     out: str = MISSING  # run directory
+    method: str = "whp"  # the unlearning method (engine/methods/): whp | ga
     baseline: str = ""  # Hugging Face causal-LM directory ("" in the demo: the world builds it)
     target: str = ""  # target corpus: .txt, .jsonl/.json with a "text" field, or a folder of those
     anchors: str = ""  # anchor dictionary, YAML or JSON: term -> [generic translations]

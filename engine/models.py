@@ -1,15 +1,20 @@
-"""Loading and saving Hugging Face causal LMs and their tokenizers, with one-line errors."""
+"""Hugging Face causal LMs: loading and saving with one-line errors, and reading their LM heads and final
+hidden states (gathered under ZeRO-3) for the kernels, which apply the heads themselves."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from configs.errors import UserError, first_line
+
+IGNORE_INDEX = -100  # the Hugging Face causal-LM convention: a label position that is not trained
 
 
 def pick_device(name: str) -> torch.device:
@@ -18,6 +23,11 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda was asked for but no CUDA device is available")
     return torch.device(name)
+
+
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype a config's `dtype` means on `device`: bf16 on GPU only (CPU kernels stay fp32)."""
+    return torch.bfloat16 if name == "bfloat16" and device.type == "cuda" else torch.float32
 
 
 def check_model_dir(path: str | Path, role: str) -> Path:
@@ -62,3 +72,60 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """LM-head inputs (after the final norm): the kernel applies the head itself, so logits never materialize here."""
+    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def head_weight(model) -> torch.nn.Parameter:
+    """The LM-head weight parameter (under ZeRO-3 a shard: read it inside `lm_head_weights`)."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise UserError("the model's LM head has a bias; generic labels support bias-free (Llama-class) heads only")
+    return head.weight
+
+
+@contextmanager
+def lm_head_weights(*models) -> Iterator[list[torch.Tensor]]:
+    """The full LM-head weights of `models` for the duration of the block.
+
+    The kernel applies the heads itself, outside their modules' forward, so under DeepSpeed ZeRO-3 the
+    partitioned weights must be gathered explicitly (as trl's `maybe_gather_lm_head_ctx` does); every
+    rank must enter this together. Unsharded models pass through untouched.
+    """
+    weights = [head_weight(model) for model in models]
+    partitioned = [w for w in weights if hasattr(w, "ds_id")]
+    if not partitioned:
+        yield weights
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield weights
+
+
+@torch.no_grad()
+def check_head_gives_logits(model, input_ids: torch.Tensor, role: str) -> None:
+    """Mixing applies the head to the final hidden states itself: refuse models that change logits afterwards.
+
+    (Gemma-2's soft-capping or Cohere's logit scale would make the labels silently wrong.) The full
+    forward runs outside `lm_head_weights`: under ZeRO-3 the head's own forward re-partitions its weight.
+    """
+    logits = model(input_ids=input_ids).logits.float()
+    hidden = final_hidden_states(model, input_ids).float()
+    with lm_head_weights(model) as (weight,):
+        recomputed = hidden @ weight.float().T
+    if not torch.allclose(logits, recomputed, rtol=1e-3, atol=1e-3 * float(logits.abs().max()) + 1e-4):
+        raise UserError(f"the {role} model transforms its logits after the LM head (e.g. soft-capping); generic labels need plain head(hidden) logits")
+
+
+def check_same_vocabulary(baseline, reinforced) -> None:
+    """Labels index one vocabulary: both models must share it (a reinforced model of another base would not)."""
+    shapes = [tuple(getattr(w, "ds_shape", w.shape)) for w in (head_weight(baseline), head_weight(reinforced))]
+    sizes = [model.config.vocab_size for model in (baseline, reinforced)]
+    if shapes[0] != shapes[1] or sizes[0] != sizes[1]:
+        raise UserError(
+            f"baseline and reinforced models differ: LM head {shapes[0]} vs {shapes[1]}, vocab_size {sizes[0]} vs {sizes[1]}"
+        )

@@ -1,11 +1,11 @@
-"""The WHP recipe, top to bottom: reinforce → unlearn on generic labels → evaluate → report.
+"""A run, top to bottom: check the inputs → each training phase of the method → evaluate → report.
 
-Every command of the CLI is a slice of `run`: the phases chain through the run directory
-(`reinforced/`, `unlearned/`, `metrics.json`), so `obliviate unlearn` after `obliviate reinforce --out R`
-finds `R/reinforced` by itself. The unlearn phase makes its generic labels while it trains (a labeler
-streams them to the trainer); `obliviate labels` exports them to `labels/` for inspection only. All inputs
-are checked before anything is written, each phase's output appears atomically once complete, and a phase
-interrupted or crashed continues from `checkpoints/PHASE/` with `resume`.
+Every command of the CLI is a slice of `run`: the phases chain through the run directory (`reinforced/`,
+`unlearned/`, `metrics.json`), so `obliviate unlearn` after `obliviate reinforce --out R` finds `R/reinforced`
+by itself. The method (`engine/methods/`) says what each phase trains; a runner (`engine/training/runners/`)
+trains it, in this process or on Ray. All inputs are checked before anything is written, each phase's output
+appears atomically once complete, and a phase interrupted or crashed continues from `checkpoints/PHASE/`
+with `resume`.
 """
 
 from __future__ import annotations
@@ -24,20 +24,21 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import AutoConfig
 
 from configs import RunConfig, save_config
+from configs.errors import UserError
 from engine.data.anchors import load_anchors
 from engine.data.corpus import make_blocks, read_corpus
-from configs.errors import UserError
-from engine.evaluation.suite import Suite, compare_to_oracle, evaluate_model, load_suite
-from engine.methods.generic_labels import LabelSet, build_labels
-from engine.models import check_model_dir, check_same_tokenizer, load_model, load_tokenizer, pick_device
-from engine.training.job import LabelerSpec, LocalTrainer, PhaseResult, TrainJob
 from engine.evaluation.report import format_table, write_report
+from engine.evaluation.suite import Suite, compare_to_oracle, evaluate_model, load_suite
+from engine.methods import METHODS, method_class
+from engine.methods.base import Method, RunInputs
+from engine.models import check_model_dir, load_model, load_tokenizer, pick_device, torch_dtype
+from engine.training.job import PhaseResult, Runner, TrainJob
+from engine.training.runners.local import LocalRunner
 from kernels.mixing import interpreter_requested
 
 log = logging.getLogger("obliviate")
 
-RUN_PHASES = ("reinforce", "unlearn", "eval")  # labels is an export, not a step of the recipe
-TRAINING_SUMMARY = "obliviate_training.json"  # beside the unlearned weights: how they were made
+TRAINING_SUMMARY = "obliviate_training.json"  # beside a trained model: how it was made
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,12 @@ class RunDir:
     """Layout of a run directory; each phase owns one output."""
 
     root: Path
+    method_outputs: tuple[tuple[str, str], ...] = ()  # the method's own phases → output names
 
     @property
     def outputs(self) -> dict[str, Path]:
-        return {"reinforce": self.root / "reinforced", "labels": self.root / "labels", "unlearn": self.root / "unlearned", "eval": self.root / "metrics.json"}
+        names = {**dict(self.method_outputs), "unlearn": "unlearned", "eval": "metrics.json"}
+        return {phase: self.root / name for phase, name in names.items()}
 
     def claim(self, phases: list[str], overwrite: bool, resume: bool = False) -> list[str]:
         """The phases to run. A finished phase output is kept and skipped with `resume`, replaced with
@@ -104,6 +107,15 @@ class RunDir:
         return output
 
 
+def run_dir(cfg: RunConfig) -> RunDir:
+    return RunDir(Path(cfg.out).expanduser(), tuple(method_class(cfg.method).outputs.items()))
+
+
+def all_phases(cfg: RunConfig) -> list[str]:
+    """What `obliviate run` runs: the method's training phases, then the evaluation."""
+    return [*method_class(cfg.method)(cfg).phases, "eval"]
+
+
 def anchor_terms(path: str) -> list[str]:
     """Every surface term of the dictionary (dropped keys included): what a completion may reveal."""
     anchors = load_anchors(path)
@@ -117,44 +129,43 @@ def _required(value: str, what: str, flag: str) -> str:
 
 
 @dataclass
-class Inputs:
+class RunResult:
+    """What a command produced, handed on in memory (metrics.json and the summaries are written from it)."""
+
+    phases: dict[str, PhaseResult]  # each training phase run by this command
+    summary: dict | None  # what was recorded beside RUN/unlearned, when this command made it
+    metrics: dict[str, dict] | None  # per evaluated model, when this command evaluated
+
+
+@dataclass
+class Checked:
     """Everything a run needs, loaded and checked before the run directory is touched."""
 
-    baseline: Path | None  # None when only evaluating
-    reinforced: Path | None  # None: the reinforce phase produces it
-    tokenizer: object
-    target_blocks: list
-    anchors: dict[str, list[str]] | None
+    inputs: RunInputs
     deepspeed: dict  # the user's DeepSpeed JSON (engine.deepspeed), merged over the generated config
     suite: Suite | None  # the evaluation suite's inputs
 
 
-def check_inputs(cfg: RunConfig, run: RunDir, phases: list[str]) -> Inputs:
-    baseline = tokenizer = reinforced = anchors = None
-    blocks = []
-    if {"reinforce", "labels", "unlearn"} & set(phases):
+def check_inputs(cfg: RunConfig, run: RunDir, method: Method, todo: list[str]) -> Checked:
+    baseline, tokenizer, blocks = None, None, []
+    if any(phase != "eval" for phase in todo):  # training phases and exports read the baseline and the corpus
         baseline = check_model_dir(_required(cfg.baseline, "baseline model", "--baseline"), "baseline")
         tokenizer = load_tokenizer(baseline, "baseline")
-    if {"reinforce", "labels", "unlearn"} & set(phases):
         positions = getattr(AutoConfig.from_pretrained(baseline), "max_position_embeddings", None)
         if positions is not None and positions < cfg.labels.context_length:
             raise UserError(f"labels.context_length={cfg.labels.context_length} exceeds the baseline's {positions} positions")
         target = _required(cfg.target, "target corpus", "--target")
         blocks = make_blocks(read_corpus(target), tokenizer, cfg.labels.context_length, name=f"target corpus {target}")
-    if {"labels", "unlearn"} & set(phases):
-        anchors_file = load_anchors(_required(cfg.anchors, "anchor dictionary", "--anchors"))
-        for key, reason in anchors_file.dropped:
-            log.info("anchor %r dropped: %s", key, reason)
-        anchors = anchors_file.terms
-        if "reinforce" not in phases:
-            reinforced = check_model_dir(cfg.reinforced or run.outputs["reinforce"], "reinforced")
-            check_same_tokenizer(tokenizer, load_tokenizer(reinforced, "reinforced"), ("baseline", "reinforced"))
+    elif cfg.baseline:  # evaluation compares against it
+        baseline = check_model_dir(cfg.baseline, "baseline")
+    inputs = RunInputs(baseline, tokenizer, blocks, run.outputs)
+    method.prepare(todo, inputs)
     suite = None
-    if "eval" in phases:
+    if "eval" in todo:
         if cfg.oracle:
             check_model_dir(cfg.oracle, "oracle")
         suite = load_suite(cfg.eval, pick_device(cfg.device))
-    return Inputs(baseline, reinforced, tokenizer, blocks, anchors, _deepspeed_json(cfg.engine.deepspeed), suite)
+    return Checked(inputs, _deepspeed_json(cfg.engine.deepspeed), suite)
 
 
 def _deepspeed_json(path: str) -> dict:
@@ -171,97 +182,51 @@ def _deepspeed_json(path: str) -> dict:
     return config
 
 
-def _job(cfg: RunConfig, run: RunDir, phase: str, inputs: Inputs, labeler: LabelerSpec | None, resume: bool) -> TrainJob:
+def train_phase(cfg: RunConfig, run: RunDir, method: Method, name: str, checked: Checked, runner: Runner, resume: bool) -> PhaseResult:
+    """One training phase of the method on the runner; its model is published atomically (RUN/unlearned with
+    the method's summary)."""
+    phase = method.phase(name, checked.inputs)
     if not resume:
-        shutil.rmtree(run.checkpoints(phase), ignore_errors=True)  # an earlier crash's, now stale
-    return TrainJob(
-        phase=phase,
-        init=inputs.baseline,
-        train=getattr(cfg, phase),
-        input_ids=torch.tensor([b.input_ids for b in inputs.target_blocks]),
-        labeler=labeler,
-        save_to=run.staging(phase, clear=not resume),
-        keep_best=phase == "unlearn",
-        checkpoint_dir=run.checkpoints(phase),
+        shutil.rmtree(run.checkpoints(name), ignore_errors=True)  # an earlier crash's, now stale
+    job = TrainJob(
+        phase=name,
+        init=phase.init,
+        train=phase.train,
+        input_ids=checked.inputs.forget_ids(),
+        objective=phase.objective,
+        teacher=phase.teacher,
+        save_to=run.staging(name, clear=not resume),
+        keep_best=phase.keep_best,
+        checkpoint_dir=run.checkpoints(name),
         checkpoint_every=cfg.engine.checkpoint_every,
-        tb_dir=run.root / "tb" / phase,
+        tb_dir=run.root / "tb" / name,
         dtype=cfg.dtype,
         device=cfg.device,
-        deepspeed=inputs.deepspeed,
+        deepspeed=checked.deepspeed,
     )
-
-
-def _publish(cfg: RunConfig, run: RunDir, phase: str) -> Path:
-    output = run.publish(phase)
+    result = runner.train(job, resume)
+    if name == "unlearn":
+        (job.save_to / TRAINING_SUMMARY).write_text(json.dumps(method.summary(result), indent=2) + "\n")
+    run.publish(name)
     if not cfg.engine.keep_checkpoints:
-        shutil.rmtree(run.checkpoints(phase), ignore_errors=True)
+        shutil.rmtree(run.checkpoints(name), ignore_errors=True)
         with contextlib.suppress(OSError):  # only when no other phase keeps its checkpoints there
-            run.checkpoints(phase).parent.rmdir()
-    return output
+            run.checkpoints(name).parent.rmdir()
+    return result
 
 
-def reinforce(cfg: RunConfig, run: RunDir, inputs: Inputs, trainer, resume: bool) -> Path:
-    """Phase 1: keep training the baseline on the target; only used to find target-specific tokens."""
-    trainer.train(_job(cfg, run, "reinforce", inputs, None, resume), resume)
-    return _publish(cfg, run, "reinforce")
-
-
-def make_labels(cfg: RunConfig, run: RunDir, inputs: Inputs, reinforced_dir: Path, device: torch.device) -> LabelSet:
-    """Export: generic labels of every block, written to RUN/labels for inspection (unlearn makes its own)."""
-    baseline = load_model(inputs.baseline, "baseline", device).eval()
-    reinforced = load_model(reinforced_dir, "reinforced", device).eval()
-    labels = build_labels(baseline, reinforced, inputs.tokenizer, inputs.target_blocks, inputs.anchors, cfg.labels)
-    labels.save(run.staging("labels"))
-    run.publish("labels")
-    log.info("labels: %s", labels.stats)
-    return labels
-
-
-def unlearn(cfg: RunConfig, run: RunDir, inputs: Inputs, reinforced_dir: Path, trainer, resume: bool) -> PhaseResult:
-    """Phase 2: fine-tune the baseline on (original tokens, generic labels made alongside by the labeler);
-    keep the best validation loss."""
-    labeler = LabelerSpec(inputs.baseline, reinforced_dir, inputs.target_blocks, inputs.anchors, cfg.labels)
-    job = _job(cfg, run, "unlearn", inputs, labeler, resume)
-    phase = trainer.train(job, resume)
-    result = phase.fit
-    log.info("unlearn: best validation loss %.4f at step %d of %d", result.best_val_loss, result.best_step, result.steps)
-    summary = {
-        "alpha": cfg.labels.alpha,
-        "forbid_anchor_keys": cfg.labels.forbid_anchor_keys,
-        "best_step": result.best_step,
-        "steps": result.steps,
-        "train_seconds": result.seconds,
-        "best_val_loss": result.best_val_loss,
-        "label_stats": phase.label_stats,
-        "workers": cfg.engine.workers,
-        "throughput": phase.throughput,
-    }
-    (job.save_to / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-    _publish(cfg, run, "unlearn")
-    return phase
-
-
-def describe(name: str, s: dict) -> str:
-    """One report line on how an unlearned model was made, from the summary saved beside its weights."""
-    changed = s["label_stats"].get("changed_fraction", {})
-    speed = s.get("throughput", {})
-    engine = f"{s['workers']} DeepSpeed ZeRO-3 worker(s)" if s.get("workers") else "in-process"
-    return (
-        f"{name}: α = {s['alpha']:g}, anchor keys forbidden: {s['forbid_anchor_keys']}; kept step {s['best_step']} of {s['steps']} "
-        f"(validation loss on generic labels {s['best_val_loss']:.4f}); {s['label_stats'].get('blocks')} blocks, "
-        f"labels differing from the original next token per α: {changed}; trained {engine} at "
-        f"{speed.get('tokens_per_s', 0):.0f} tokens/s, waiting for labels {100 * speed.get('label_wait_fraction', 0):.1f}% of the time"
-    )
+def describe(name: str, summary: dict) -> str:
+    """The report line of a trained model, by the method that made it (summaries before `method` were WHP's)."""
+    return METHODS[summary.get("method", "whp")].describe(name, summary)
 
 
 def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch.device, title: str, suite: Suite) -> dict:
-    """Phase 3: the evaluation suite for each model, then each against the oracle; the report."""
+    """The evaluation suite for each model, then each against the oracle; the report."""
     terms = anchor_terms(cfg.anchors) if cfg.anchors else []
     results = {}
     for name, path in models.items():
         log.info("evaluating %s (%s)", name, path)
-        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" and device.type == "cuda" else torch.float32
-        model = load_model(path, name, device, dtype).eval()
+        model = load_model(path, name, device, torch_dtype(cfg.dtype, device)).eval()
         results[name] = evaluate_model(model, load_tokenizer(path, name), cfg.eval, terms, suite)
     compare_to_oracle(results)
     with SummaryWriter(str(run.root / "tb" / "eval")) as writer:
@@ -270,37 +235,40 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
                 if isinstance(value, (int, float)):
                     writer.add_scalar(f"{name}/{metric}", value, 0)
     summaries = {name: json.loads((Path(path) / TRAINING_SUMMARY).read_text()) for name, path in models.items() if (Path(path) / TRAINING_SUMMARY).is_file()}
-    notes = [describe(name, summary) for name, summary in summaries.items()]
+    notes = [describe(name, summary) for name, summary in summaries.items() if name != "baseline"]
     write_report(run.root, results, title=title, notes=notes, extra={"training": summaries})
     print(format_table(results))
     print(f"\nreport: {run.root / 'report.md'}")
     return results
 
 
-def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_models: dict[str, Path] | None = None, title: str = "obliviate run", trainer=None, resume: bool = False) -> dict | None:
-    """Run the given phases in order with `trainer` (default: in this process); `eval_models` overrides which
+def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_models: dict[str, Path] | None = None, title: str = "obliviate run", runner: Runner | None = None, resume: bool = False) -> RunResult:
+    """Run the given phases in order with `runner` (default: in this process); `eval_models` overrides which
     models the eval phase compares. With `resume`, finished phases are kept and an interrupted one continues."""
-    run_dir = RunDir(Path(cfg.out).expanduser())
-    phases = run_dir.claim(phases, overwrite, resume)
-    inputs = check_inputs(cfg, run_dir, phases)
+    method = method_class(cfg.method)(cfg)
+    known = {*method.outputs, "unlearn", "eval"}
+    for phase in phases:
+        if phase not in known:
+            raise UserError(f"method {cfg.method} has no {phase} phase (it has: {', '.join(sorted(known))})")
+    directory = run_dir(cfg)
+    todo = directory.claim(phases, overwrite, resume)
+    checked = check_inputs(cfg, directory, method, todo)
     device = pick_device(cfg.device)
-    if "labels" in phases and cfg.labels.impl == "triton" and device.type == "cpu" and not interpreter_requested():
+    if "labels" in todo and cfg.labels.impl == "triton" and device.type == "cpu" and not interpreter_requested():
         raise UserError("labels.impl=triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1")
-    with run_dir.opened(cfg, command):
-        return _run_phases(cfg, run_dir, inputs, phases, device, eval_models, title, trainer or LocalTrainer(), resume)
-
-
-def _run_phases(cfg, run_dir: RunDir, inputs: Inputs, phases: list[str], device, eval_models, title, trainer, resume: bool) -> dict | None:
-    reinforced_dir = inputs.reinforced
-    if "reinforce" in phases:
-        reinforced_dir = reinforce(cfg, run_dir, inputs, trainer, resume)
-    if "labels" in phases:
-        make_labels(cfg, run_dir, inputs, reinforced_dir, device)
-    if "unlearn" in phases:
-        unlearn(cfg, run_dir, inputs, reinforced_dir, trainer, resume)
-    if "eval" not in phases:
-        return None
-    models = dict(eval_models or {"baseline": inputs.baseline, "unlearned": run_dir.outputs["unlearn"]})
-    if cfg.oracle and "oracle" not in models:
-        models["oracle"] = Path(cfg.oracle).expanduser()
-    return evaluate(cfg, run_dir, models, device, title, inputs.suite)
+    result = RunResult({}, None, None)
+    with directory.opened(cfg, command):
+        for phase in todo:
+            if phase in method.exports:
+                method.export(phase, checked.inputs, directory.staging(phase), device)
+                directory.publish(phase)
+            elif phase != "eval":
+                result.phases[phase] = train_phase(cfg, directory, method, phase, checked, runner or LocalRunner(), resume)
+        if "unlearn" in result.phases:
+            result.summary = method.summary(result.phases["unlearn"])
+        if "eval" in todo:
+            models = dict(eval_models or {"baseline": checked.inputs.baseline, "unlearned": directory.outputs["unlearn"]})
+            if cfg.oracle and "oracle" not in models:
+                models["oracle"] = Path(cfg.oracle).expanduser()
+            result.metrics = evaluate(cfg, directory, models, device, title, checked.suite)
+    return result

@@ -1,7 +1,8 @@
 """Generic-label logit mixing: `label = argmax(b − α·ReLU(r − b))` without materializing logits.
 
-`generic_labels` is the one entry point; the engine never mixes logits itself. Today only the
-plain PyTorch reference exists; the chunked and fused Triton paths plug in behind `impl`.
+`generic_labels` is the one entry point; the engine never mixes logits itself. Behind `impl` sit the
+plain PyTorch `reference` (materializes [N, V] logits, the ground truth), `chunked` (the vocabulary in
+column chunks, O(N·chunk) memory; the CPU default) and a fused Triton kernel (the CUDA default).
 """
 
 from kernels.mixing import generic_labels

@@ -34,32 +34,23 @@ from pathlib import Path
 
 import torch
 
-from configs.errors import UserError, first_line
-from kernels.chunked import default_chunk
-from kernels.device import nvtx_range
+from kernels.device import LLAMAS, extra_bytes_estimate, nvtx_range, peak_tflops
 from kernels.mixing import IMPL_NAMES, interpreter_requested
 
-SHAPES = {  # name -> (hidden size H, vocabulary V) of the LM head
-    "llama2-7b": (4096, 32000),
-    "llama2-13b": (5120, 32000),
-    "llama2-70b": (8192, 32000),
-    "llama3-8b": (4096, 128256),
-    "llama3-70b": (8192, 128256),
-}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Dense peak TFLOP/s by input dtype, matched as a substring of torch.cuda.get_device_name(); first match wins.
-# fp32 is the plain FP32 (non tensor core) rate: torch's default fp32 matmul precision is "highest".
-PEAKS = (
-    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0}),
-    ("H100 NVL", {"bf16": 835.0, "fp16": 835.0, "fp32": 60.0}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}),  # also GH200
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}),
-)
 CUDA_HEADROOM = 512 << 20  # do_bench's 256 MiB L2-flush buffer, the CUDA context's slack
 GIB, MIB = float(1 << 30), float(1 << 20)
 CSV_COLUMNS = ("timestamp", "device", "torch", "triton", "commit", "impl", "shape", "H", "V", "N", "dtype", "alphas",
                "ms", "tokens/s", "TFLOP/s", "% peak", "peak extra MiB", "memory measure", "status", "match fraction")
+
+
+class BadFlag(ValueError):
+    """A flag value the profiler cannot use: `main` prints it as one line and exits 2, before anything runs."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of an error's text (its type name when it has none), for one-line row statuses."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 @dataclass
@@ -95,13 +86,14 @@ class Row:
 
 def parse_shape(text: str) -> tuple[str, int, int]:
     text = text.strip()
-    if text.lower() in SHAPES:
-        return (text.lower(), *SHAPES[text.lower()])
+    if text.lower() in LLAMAS:
+        dims = LLAMAS[text.lower()]
+        return (text.lower(), dims.hidden, dims.vocab)
     parts = text.split(",")
     if len(parts) == 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts):
         h, v = int(parts[0]), int(parts[1])
         return (f"{h}x{v}", h, v)
-    raise UserError(f"--shape {text!r}: give one of {', '.join(SHAPES)} or H,V (two positive integers)")
+    raise BadFlag(f"--shape {text!r}: give one of {', '.join(LLAMAS)} or H,V (two positive integers)")
 
 
 def parse_tokens(values) -> list[int]:
@@ -111,12 +103,12 @@ def parse_tokens(values) -> list[int]:
             try:
                 n = int(part)
             except ValueError:
-                raise UserError(f"--tokens {value!r}: give positive integers (repeat --tokens or comma-separate)") from None
+                raise BadFlag(f"--tokens {value!r}: give positive integers (repeat --tokens or comma-separate)") from None
             if n <= 0:
-                raise UserError(f"--tokens {value!r}: token counts must be positive, got {n}")
+                raise BadFlag(f"--tokens {value!r}: token counts must be positive, got {n}")
             tokens.append(n)
     if not tokens:
-        raise UserError("give at least one --tokens N")
+        raise BadFlag("give at least one --tokens N")
     return list(dict.fromkeys(tokens))
 
 
@@ -124,9 +116,9 @@ def _number(flag: str, text, kind=float, minimum: float = 0.0, strict: bool = Tr
     try:
         value = kind(text)
     except (TypeError, ValueError):
-        raise UserError(f"{flag} {text!r}: not a {'whole ' if kind is int else ''}number") from None
+        raise BadFlag(f"{flag} {text!r}: not a {'whole ' if kind is int else ''}number") from None
     if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-        raise UserError(f"{flag} {text!r}: must be {'>' if strict else '≥'} {minimum:g}")
+        raise BadFlag(f"{flag} {text!r}: must be {'>' if strict else '≥'} {minimum:g}")
     return value
 
 
@@ -140,17 +132,17 @@ def parse_impls(text: str) -> list[str]:
     known = ["auto", *IMPL_NAMES, *(name for name in registered_impls() if name not in IMPL_NAMES)]
     for name in names:
         if name not in known:
-            raise UserError(f"--impl {name!r}: unknown implementation; choose from {', '.join(known)}")
+            raise BadFlag(f"--impl {name!r}: unknown implementation; choose from {', '.join(known)}")
     if not names:
-        raise UserError("--impl: give at least one implementation")
+        raise BadFlag("--impl: give at least one implementation")
     return list(dict.fromkeys(names))
 
 
 def pick_device(name: str) -> torch.device:
     if name not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {name!r}: choose auto, cpu or cuda")
+        raise BadFlag(f"--device {name!r}: choose auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available")
+        raise BadFlag("--device cuda was asked for but no CUDA device is available")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
@@ -163,15 +155,6 @@ def device_name(device: torch.device) -> str:
     with contextlib.suppress(OSError):
         model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     return f"{model or 'CPU'} ({torch.get_num_threads()} threads)"
-
-
-def peak_tflops(device: torch.device, dtype: str, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peaks[dtype] for key, peaks in PEAKS if key in name), None)
 
 
 def versions() -> tuple[str, str]:
@@ -270,25 +253,6 @@ class MemoryMeter:
 
 def input_bytes(n: int, h: int, v: int, dtype: torch.dtype, k: int) -> int:
     return 2 * (n + v) * h * dtype.itemsize + n * k * 8
-
-
-def extra_bytes_estimate(impl: str, n: int, h: int, v: int, dtype: torch.dtype, a: int, k: int) -> int:
-    """What an impl allocates beyond its inputs, from its algorithm (an over- rather than under-estimate).
-
-    reference: fp32 copies of the inputs (unless fp32) and six [N, V] fp32 at once (b, r, ReLU(r − b),
-    α·ReLU, this α's mixed logits and the last α's; measured 375 MiB at N=512, V=32000 on CPU), one more
-    when forbidden ids are written in. chunked: fp32 hidden states, three [N, chunk] fp32 buffers and the
-    cast weight chunks (chunk width from kernels.chunked.default_chunk). triton: O(N)
-    outputs and per-split partials (capped at 32 MiB there; 64 MiB here). Any other name: like reference.
-    """
-    fp32, outputs = 4, n * a * 8 * 3
-    casts = 0 if dtype == torch.float32 else 2 * (n + v) * h * fp32
-    if impl == "triton":
-        return outputs + (64 << 20)
-    if impl in ("chunked", "auto"):  # auto is chunked on CPU, triton on CUDA: the larger of the two
-        c = min(v, default_chunk(n, h, dtype != torch.float32))
-        return 2 * n * h * fp32 + 2 * c * h * fp32 + 3 * n * c * fp32 + 4 * n * fp32 + outputs + (64 << 20)
-    return casts + (6 + (k > 0)) * n * v * fp32 + outputs
 
 
 def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, k: int, device: torch.device, seed: int = 0):
@@ -539,19 +503,19 @@ def profile_kernel(shapes, tokens, dtype: str | None = None, impls: str = "refer
                    alphas: str = "2.5,5,10", forbidden="0", peak=None, csv_path="runs/profile/kernel.csv",
                    plot_path="runs/profile/kernel.png", repeats="3", device: str = "auto", echo=print,
                    log=None) -> list[Row]:
-    """The whole command from its raw option values; bad input raises UserError before anything runs."""
+    """The whole command from its raw option values; bad input raises BadFlag before anything runs."""
     parsed_shapes = [parse_shape(s) for s in shapes]
     if not parsed_shapes:
-        raise UserError("give at least one --shape (" + ", ".join(SHAPES) + ", or H,V)")
+        raise BadFlag("give at least one --shape (" + ", ".join(LLAMAS) + ", or H,V)")
     parsed_tokens = parse_tokens(tokens)
     parsed_device = pick_device(device)
     dtype = dtype or ("bf16" if parsed_device.type == "cuda" else "fp32")
     if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose {', '.join(DTYPES)}")
+        raise BadFlag(f"--dtype {dtype!r}: choose {', '.join(DTYPES)}")
     parsed_impls = parse_impls(impls)
     parsed_alphas = [_number("--alphas", a) for a in str(alphas).split(",") if a.strip()]
     if not parsed_alphas:
-        raise UserError("--alphas: give at least one positive number")
+        raise BadFlag("--alphas: give at least one positive number")
     forbidden_k = _number("--forbidden", forbidden, int, strict=False)
     peak_override = None if peak in (None, "") else _number("--peak-tflops", peak)
     repeat_count = _number("--repeats", repeats, int)
@@ -587,7 +551,7 @@ def profile_kernel(shapes, tokens, dtype: str | None = None, impls: str = "refer
 def main(argv: list[str] | None = None, prog: str = "python -m kernels.profile") -> None:
     """The command line of `obliviate profile-kernel` and `python -m kernels.profile` (only torch + triton needed)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", action="append", default=[], help=f"{', '.join(SHAPES)}, or H,V; repeatable")
+    parser.add_argument("--shape", action="append", default=[], help=f"{', '.join(LLAMAS)}, or H,V; repeatable")
     parser.add_argument("--tokens", action="append", default=[], help="token counts N; repeat or comma-separate (1024,8192)")
     parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--impl", default="reference,chunked,triton", help="comma-separated implementations (default: %(default)s)")
@@ -602,7 +566,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kernels.profile")
     try:
         profile_kernel(a.shape, a.tokens, a.dtype, a.impl, a.alphas, a.forbidden, a.peak_tflops, a.csv, a.plot,
                        a.repeats, a.device, log=lambda m: print(m, file=sys.stderr, flush=True))
-    except UserError as e:
+    except BadFlag as e:
         print(f"{prog.split()[0]}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors import safe_open
 
 from configs import RunConfig
 from engine import recipe
-from kernels.profile import peak_tflops
+from kernels.device import peak_tflops
 
 COLUMNS = ("workers", "steps", "wall s", "train s", "tokens/s", "wait fraction", "labeler tokens/s", "labeler util", "MFU")
 
@@ -34,7 +33,7 @@ def parameter_count(model_dir: Path) -> int:
     return total
 
 
-def bench_train(cfg: RunConfig, workers: list[int], out: Path, trainer_for) -> list[dict]:
+def bench_train(cfg: RunConfig, workers: list[int], out: Path, runner_for) -> list[dict]:
     """One unlearn phase per worker count into `out/workers-N`; a row of figures per run."""
     params = parameter_count(Path(cfg.baseline))
     on_gpu = torch.cuda.is_available() and cfg.device != "cpu"
@@ -44,10 +43,9 @@ def bench_train(cfg: RunConfig, workers: list[int], out: Path, trainer_for) -> l
         run_cfg = copy.deepcopy(cfg)
         run_cfg.engine.workers, run_cfg.out = n, str(out / f"workers-{n}")
         start = time.perf_counter()
-        with trainer_for(run_cfg) as trainer:
-            recipe.run(run_cfg, ["unlearn"], True, "bench-train", trainer=trainer)
+        with runner_for(run_cfg) as runner:
+            summary = recipe.run(run_cfg, ["unlearn"], True, "bench-train", runner=runner).summary
         wall = time.perf_counter() - start
-        summary = json.loads((Path(run_cfg.out) / "unlearned" / whp.TRAINING_SUMMARY).read_text())
         speed = summary["throughput"]
         mfu = 6 * params * speed["tokens_per_s"] / (peak * 1e12 * max(n, 1)) if peak else None
         rows.append({

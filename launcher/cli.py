@@ -1,4 +1,4 @@
-"""`obliviate`: the command line. Each command = a typed config + overrides → a slice of the WHP recipe.
+"""`obliviate`: the command line. Each command = a typed config + overrides → a slice of the recipe.
 
     obliviate demo                                  # tiny world, end to end on CPU
     obliviate run configs/whp.yaml --baseline DIR --target FILE --anchors FILE --out RUN --workers 8
@@ -43,18 +43,22 @@ def _config(args, default_config: Path | None = None, workers: int | None = None
     path, overrides = _split_args(args, default_config)
     engine = {"engine.workers": workers, "engine.ray_address": ray_address}
     overrides += [f"{key}={value}" for key, value in engine.items() if value not in (None, "")]
-    return load_config(path, overrides, **flags)
+    cfg = load_config(path, overrides, **flags)
+    from engine.methods import method_class
+
+    method_class(cfg.method)  # an unknown method fails here, before a job is queued or a file written
+    return cfg
 
 
-def _trainer(cfg: RunConfig):
+def _runner(cfg: RunConfig):
     """Ray workers with DeepSpeed ZeRO-3, or this process for `engine.workers=0`."""
     if cfg.engine.workers == 0:
-        from engine.training.job import LocalTrainer
+        from engine.training.runners.local import LocalRunner
 
-        return LocalTrainer()
-    from engine.training.runners.ray_runner import RayTrainer
+        return LocalRunner()
+    from engine.training.runners.ray_runner import RayRunner
 
-    return RayTrainer(cfg.engine, cfg.device)
+    return RayRunner(cfg.engine, cfg.device)
 
 
 def run_options(*names: str):
@@ -101,14 +105,14 @@ def demo(args, overwrite, resume, **flags):
     variant = copy.deepcopy(cfg)
     variant.out, variant.reinforced = str(root / "variant-forbid-anchor-keys"), str(root / "reinforced")
     variant.labels.forbid_anchor_keys = not cfg.labels.forbid_anchor_keys
-    recipe.RunDir(root).claim(list(recipe.RUN_PHASES), overwrite, resume)  # refuse a finished run before building anything
-    recipe.RunDir(Path(variant.out)).claim(["unlearn"], overwrite, resume)
+    recipe.run_dir(cfg).claim(recipe.all_phases(cfg), overwrite, resume)  # refuse a finished run before building anything
+    recipe.run_dir(variant).claim(["unlearn"], overwrite, resume)
     world = build_world(cfg.world)
     use_world(cfg, world)
     use_world(variant, world)
-    with _trainer(cfg) as trainer:
-        recipe.run(cfg, ["reinforce", "unlearn"], overwrite, "demo", trainer=trainer, resume=resume)
-        recipe.run(variant, ["unlearn"], overwrite, "demo (variant)", trainer=trainer, resume=resume)
+    with _runner(cfg) as runner:
+        recipe.run(cfg, ["reinforce", "unlearn"], overwrite, "demo", runner=runner, resume=resume)
+        recipe.run(variant, ["unlearn"], overwrite, "demo (variant)", runner=runner, resume=resume)
     variant_name = "forbid-keys" if variant.labels.forbid_anchor_keys else "faithful"
     models = {"baseline": Path(cfg.baseline), "unlearned": root / "unlearned", f"unlearned ({variant_name})": Path(variant.out) / "unlearned"}
     recipe.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga", resume=resume)
@@ -117,13 +121,13 @@ def demo(args, overwrite, resume, **flags):
 @cli.command(name="run")
 @run_options("baseline", "target", "anchors", "reinforced", "oracle")
 def run_command(args, overwrite, resume, **flags):
-    """All phases: reinforce (skipped when --reinforced is given), unlearn on generic labels, eval."""
+    """All phases of the method (`method:`, default whp: reinforce — skipped when --reinforced is given —
+    and unlearn on generic labels), then eval."""
     from engine import recipe
 
     cfg = _config(args, **flags)
-    phases = [phase for phase in recipe.RUN_PHASES if not (phase == "reinforce" and cfg.reinforced)]
-    with _trainer(cfg) as trainer:
-        recipe.run(cfg, phases, overwrite, "run", title="obliviate run", trainer=trainer, resume=resume)
+    with _runner(cfg) as runner:
+        recipe.run(cfg, recipe.all_phases(cfg), overwrite, "run", title="obliviate run", runner=runner, resume=resume)
 
 
 def _phase_command(name: str, help: str, flags: tuple[str, ...]) -> None:
@@ -133,8 +137,8 @@ def _phase_command(name: str, help: str, flags: tuple[str, ...]) -> None:
         from engine import recipe
 
         cfg = _config(args, **flag_values)
-        with _trainer(cfg) as trainer:
-            recipe.run(cfg, [name], overwrite, name, title=f"obliviate {name}", trainer=trainer, resume=resume)
+        with _runner(cfg) as runner:
+            recipe.run(cfg, [name], overwrite, name, title=f"obliviate {name}", runner=runner, resume=resume)
 
     cli.command(name=name, help=help)(run_options(*flags)(body))
 

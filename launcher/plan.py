@@ -25,7 +25,7 @@ Estimates, before any GPU is rented; no weights are read (a model directory's co
   running and the one prefetched); one forward's working set at labels.batch_size blocks, width·(4h + 3I)
   bytes a token (a layer's input and normed input, SwiGLU's gate/up/product), plus both models' final
   hidden states (the kernel's inputs); and the label kernel's workspace from
-  `kernels.profile.extra_bytes_estimate` for labels.impl ("auto" counts the larger, chunked, path).
+  `kernels.device.extra_bytes_estimate` for labels.impl ("auto" counts the larger, chunked, path).
 - **fits** when a GPU's total stays under `gpu_mem_gib` less 10% headroom (CUDA context, NCCL buffers,
   allocator fragmentation). `gpu_mem_gib` is GiB as the device reports it (an "80 GB" H100 shows 79.2).
 
@@ -42,25 +42,18 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from configs import RunConfig, load_config
 from configs.errors import UserError, first_line
+from kernels.device import LLAMAS, extra_bytes_estimate
 
 GIB = float(1 << 30)
 HEADROOM = 0.10  # of the GPU's memory, kept free for the CUDA context, NCCL and fragmentation
 MAX_NODES = 64  # the smallest-node search stops here
 LOGIT_BYTES = 12  # per token per vocabulary entry at the loss (see the module docstring)
 FORBIDDEN_PER_ROW = 1  # forbidden ids per row passed to the kernel estimate (only `reference` depends on it)
-
-# name -> hidden, layers, attention heads, key/value heads, MLP intermediate size, vocabulary (the HF configs)
-LLAMAS = {
-    "llama2-7b": (4096, 32, 32, 32, 11008, 32000),
-    "llama2-13b": (5120, 40, 40, 40, 13824, 32000),
-    "llama2-70b": (8192, 80, 64, 8, 28672, 32000),
-    "llama3-8b": (4096, 32, 32, 8, 14336, 128256),
-    "llama3-70b": (8192, 80, 64, 8, 28672, 128256),
-}
 
 
 @dataclass(frozen=True)
@@ -147,10 +140,6 @@ def trainer_activations_bytes(shape: Shape, tokens: int, width: int = 2) -> tupl
 def labeler_bytes(shape: Shape, tokens: int, impl: str, alphas: int, width: int = 2, shards: int = 1) -> tuple[int, int, int]:
     """(two frozen models — this GPU's 1/shards of them, plus what ZeRO-3 holds gathered when sharded —,
     one forward's activations + both final hidden states, label kernel workspace)."""
-    import torch
-
-    from kernels.profile import extra_bytes_estimate
-
     models = 2 * shape.params * width // shards
     if shards > 1:
         head = shape.vocab * shape.hidden

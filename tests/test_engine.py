@@ -260,13 +260,13 @@ class _ListQueue:
 
 
 def test_a_rank_merges_the_labelers_parts_in_its_own_order_even_when_its_share_is_empty():
-    from engine.training.runners.ray_runner import QueuedLabels
+    from engine.training.runners.ray_runner import QueuedTargets
 
     width = 4
     part_a = (torch.tensor([7, 3]), torch.tensor([[7] * width, [3] * width], dtype=torch.int32), 10.0)
     part_b = (torch.tensor([4]), torch.tensor([[4] * width], dtype=torch.int32), 5.0)
-    labels = QueuedLabels([_ListQueue(part_a), _ListQueue(part_b)], timeout=1)
+    labels = QueuedTargets([_ListQueue(part_a), _ListQueue(part_b)], timeout=1)
     assert labels(torch.tensor([3, 4, 7, 3])).tolist() == [[3] * width, [4] * width, [7] * width, [3] * width]
     assert labels.scalars()["labeler_tokens_per_s"] == 15.0
     empty = (torch.empty(0, dtype=torch.long), torch.empty(0, width, dtype=torch.int32), 0.0)
-    assert QueuedLabels([_ListQueue(empty), _ListQueue(empty)], timeout=1)(torch.empty(0, dtype=torch.long)).shape == (0, width)
+    assert QueuedTargets([_ListQueue(empty), _ListQueue(empty)], timeout=1)(torch.empty(0, dtype=torch.long)).shape == (0, width)

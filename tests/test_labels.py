@@ -10,16 +10,10 @@ from builders import byte_bpe_tokenizer, tiny_llama, word_tokenizer
 from configs.schema import LabelConfig
 from engine.data.corpus import make_blocks
 from configs.errors import UserError
-from engine.methods.generic_labels import (
-    IGNORE_INDEX,
-    LabelSet,
-    Translation,
-    build_labels,
-    check_head_gives_logits,
-    check_same_vocabulary,
-    labels_from_hidden,
-    translate_block,
-)
+from engine.data.label_sets import LabelSet
+from engine.data.translation import Translation, translate_block
+from engine.methods.generic_labels import build_labels, labels_from_hidden
+from engine.models import IGNORE_INDEX, check_head_gives_logits, check_same_vocabulary
 
 WORKED_ANCHORS = {"Harry": ["Jon"], "Hogwarts": ["Mystic Academy"]}
 WORKED_TEXT = "went to Hogwarts with Harry and Harry"

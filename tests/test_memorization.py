@@ -25,7 +25,7 @@ class ShiftModel(torch.nn.Module):
     def __init__(self, shift: int):
         super().__init__()
         self.shift = shift
-        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives `_device` a parameter to read
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives `model_device` a parameter to read
 
     def forward(self, input_ids, attention_mask=None):
         return SimpleNamespace(logits=torch.nn.functional.one_hot((input_ids + self.shift) % VOCAB, VOCAB).float())

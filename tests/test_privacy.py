@@ -20,7 +20,7 @@ class BigramStub(torch.nn.Module):
 
     def __init__(self, table: torch.Tensor):
         super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(()))  # `_device` reads the first parameter
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # `model_device` reads the first parameter
         self.register_buffer("table", table)
 
     def forward(self, input_ids, attention_mask=None):

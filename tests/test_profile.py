@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels.device
 import kernels.mixing
 import kernels.profile as prof
 from kernels.mixing import interpreter_requested
@@ -159,16 +160,16 @@ def test_peak_table_override_and_nvtx_noop(monkeypatch):
                               ("NVIDIA H200", "fp16", 989.0), ("NVIDIA A100-SXM4-80GB", "fp32", 19.5),
                               ("NVIDIA GeForce RTX 4090", "bf16", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
-        assert prof.peak_tflops(cuda, dtype, None) == peak, name
-    assert prof.peak_tflops(cuda, "bf16", 500.0) == 500.0
-    assert prof.peak_tflops(torch.device("cpu"), "bf16", None) is None
-    assert prof.peak_tflops(torch.device("cpu"), "bf16", 1.5) == 1.5
-    with prof.nvtx_range("generic_labels"):
+        assert kernels.device.peak_tflops(cuda, dtype, None) == peak, name
+    assert kernels.device.peak_tflops(cuda, "bf16", 500.0) == 500.0
+    assert kernels.device.peak_tflops(torch.device("cpu"), "bf16", None) is None
+    assert kernels.device.peak_tflops(torch.device("cpu"), "bf16", 1.5) == 1.5
+    with kernels.device.nvtx_range("generic_labels"):
         pass
 
 
 def test_estimates_grow_with_the_materialized_logits():
-    est = prof.extra_bytes_estimate
+    est = kernels.device.extra_bytes_estimate
     reference = est("reference", 8192, 4096, 128256, torch.bfloat16, 3, 0)
     assert reference >= 2 * 8192 * 128256 * 4  # at least both models' fp32 logits
     assert est("triton", 65536, 4096, 128256, torch.bfloat16, 3, 0) < 256 << 20

@@ -17,7 +17,8 @@ from transformers import LlamaForCausalLM
 
 from configs import TrainConfig
 from configs.errors import UserError
-from engine.training.loop import TorchBackend, lr_at
+from engine.training.backends import TorchBackend
+from engine.training.schedule import lr_at
 from engine.training.runners.cluster import connect
 from engine.training.runners.groups import TrainerGroup
 from test_train import patterned_blocks, tiny_model

@@ -5,7 +5,11 @@ import torch
 
 from builders import tiny_llama
 from configs import TrainConfig
-from engine.training.loop import IGNORE_INDEX, Schedule, TorchBackend, causal_lm_loss_sum, fit, lr_at, pad_blocks
+from engine.models import IGNORE_INDEX
+from engine.training.backends import TorchBackend
+from engine.training.loop import fit
+from engine.training.objectives import causal_lm_loss_sum
+from engine.training.schedule import Schedule, lr_at, pad_blocks
 
 # First five optimizer steps of `tiny_run` below (torch 2.13 CPU, fp32). A change here means the
 # loop, the loss, the schedule or the optimizer changed: update only when that was the intent.

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from configs import TrainConfig
-from engine.training.loop import TorchBackend, fit
+from engine.training.backends import TorchBackend
+from engine.training.loop import fit
 from test_train import GOLDEN_LOSSES, Scalars, StopAfter, patterned_blocks, tiny_model
 
 EQUIV_STEPS = 3

@@ -19,7 +19,8 @@ import yaml
 
 from engine.data.corpus import make_blocks, stripped_spans
 from configs.errors import UserError
-from engine.methods.generic_labels import anchor_pattern, check_same_vocabulary, final_hidden_states, lm_head_weights
+from engine.data.translation import anchor_pattern
+from engine.models import check_same_vocabulary, final_hidden_states, lm_head_weights
 
 POSSESSIVE_SUFFIXES = ("'s", "’s")
 

@@ -23,7 +23,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 from configs import WorldConfig
 from engine.data.corpus import make_blocks
 from engine.models import save_model
-from engine.training.loop import TorchBackend, fit
+from engine.training.backends import TorchBackend
+from engine.training.loop import fit
 from engine.data.world import WorldFiles, write_world
 
 log = logging.getLogger(__name__)

@@ -4,6 +4,10 @@
 the weights). Any lm-eval task works by name; `task_dirs` add local task YAMLs (how the tests and
 air-gapped clusters run them). The default tasks download their data on first use: a task whose data
 cannot be reached fails with one line naming it, before any other task runs.
+
+lm-eval itself is imported inside the functions, so only a suite that lists tasks imports it: importing it
+changes the process environment (HF_XET_HIGH_PERFORMANCE, and HF_HUB_ENABLE_HF_TRANSFER where hf_transfer is
+installed), which every later subprocess of the run would inherit.
 """
 
 from __future__ import annotations
@@ -12,14 +16,13 @@ import logging
 from collections.abc import Sequence
 from functools import lru_cache
 
-import torch
-
 from configs.errors import UserError, first_line
+from engine.evaluation.inference import inference, model_device
 
 
 @lru_cache(maxsize=4)
 def _task_manager(task_dirs: tuple[str, ...]):
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: see the module docstring
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     return TaskManager(include_path=list(task_dirs) or None)
@@ -47,13 +50,13 @@ def load_tasks(names: Sequence[str], task_dirs: Sequence[str] = ()) -> dict:
 
 
 def run_benchmarks(model, tokenizer, tasks: dict, limit: int | None = None, batch_size: int = 8) -> dict[str, dict[str, float]]:
-    """Per task, its metrics (accuracy and, where lm-eval reports it, length-normalized accuracy)."""
-    from lm_eval import simple_evaluate
+    """Per task, its metrics by name (acc, and acc_norm where the task has it): the numbers lm-eval reports under
+    its default filter, standard errors left out."""
+    from lm_eval import simple_evaluate  # lazy: see the module docstring
     from lm_eval.models.huggingface import HFLM
 
-    device = next(model.parameters()).device
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-    with torch.no_grad():
+    with inference(model):  # HFLM switches the model to eval mode; `inference` gives it its mode back after
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
         output = simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit, log_samples=False, bootstrap_iters=0, random_seed=0)
     scores = {}
     for name, metrics in output["results"].items():

@@ -1,6 +1,5 @@
-"""Judges of completion familiarity (whp-algorithm.md, "Evaluation in the paper").
-
-The paper has a completion of each prompt graded 0-3 by a judge (GPT-4 there):
+"""Judges of completion familiarity, the second familiarity measure of "Who's Harry Potter?" (Eldan and
+Russinovich 2023), which has a completion of each prompt graded 0-3 by a judge (GPT-4 there):
 
 - 3: the completion names characters, places or other details unique to the target that the prompt did not give;
 - 2: it shows themes typical of the target (wizards, spells, ...) without naming anything unique to it;
@@ -10,7 +9,7 @@ The paper has a completion of each prompt graded 0-3 by a judge (GPT-4 there):
 The judge ends its answer with `MODEL_FAMILIARITY: X/3` and the score is (5·#3 + #2) / #valid answers,
 a number from 0 to 5 (not a probability).
 
-Two judges here, to be called by the evaluation:
+Two judges here; the suite's `completion_familiarity` uses one (`eval.judge`):
 
 - `rule_grade`: string matching against the prompt's references and the target's terms (3, 2 or 0; it
   cannot tell an accidental hint, 1). Cheap and deterministic, the default.
@@ -30,9 +29,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from configs.errors import UserError, first_line
-from engine.evaluation.suite import left_padded, pad_token_id
+from engine.evaluation.inference import generate, pad_token_id
 from engine.models import pick_device
 
 RUBRIC = """\
@@ -72,7 +73,8 @@ def build_judge_prompt(target: str, prompt: str, completion: str, references: Se
 
 @lru_cache(maxsize=4096)
 def _word_pattern(term: str) -> re.Pattern:
-    """Case-sensitive whole-word matcher (labels.anchor_pattern's lookarounds); any whitespace between words."""
+    """Case-sensitive whole-word matcher, any whitespace between words; "whole word" by lookarounds as in
+    the anchor matcher (`anchor_pattern`), so terms that begin or end with punctuation ("Dr.") still match."""
     body = r"\s+".join(map(re.escape, term.split()))
     return re.compile(rf"(?<!\w){body}(?!\w)")
 
@@ -138,8 +140,6 @@ def familiarity_score(grades: Iterable[int | None]) -> dict:
 
 def _is_causal_lm(config) -> bool:
     """The config's model type has a causal-LM class, and its saved architectures (if any) include one."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     if getattr(config, "is_encoder_decoder", False) or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return False
     causal_classes = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
@@ -165,8 +165,6 @@ class LLMJudge:
         batch_size: int = 4,
         dtype: torch.dtype | None = None,
     ):
-        from transformers import AutoConfig, AutoTokenizer
-
         path = Path(model_dir).expanduser()
         not_generative = f"judge model {path} is not a generative (causal LM) model"
         if not (path / "config.json").is_file():
@@ -197,8 +195,6 @@ class LLMJudge:
         """The judge's weights, loaded at the first grading: a run checks the judge at start-up but does not
         hold it in memory (on the GPU) through the training phases."""
         if self._model is None:
-            from transformers import AutoModelForCausalLM, GenerationConfig
-
             try:
                 model = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype if self.dtype is not None else "auto")
             except (OSError, ValueError, KeyError) as e:
@@ -233,19 +229,10 @@ class LLMJudge:
         return self.tokenizer(text, add_special_tokens=not templated)["input_ids"]
 
     def _generate(self, texts: list[str]) -> list[str]:
-        """Greedy answers to the judge texts, in order; batches left-padded so generation follows each text."""
-        answers: list[str] = []
-        with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                ids, mask = left_padded([self._encode(t) for t in texts[start : start + self.batch_size]], self.pad_id)
-                width = ids.shape[1]
-                out = self.model.generate(
-                    input_ids=ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    generation_config=self.generation_config,
-                )
-                answers += self.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        return answers
+        """Greedy answers to the judge texts, in order (`inference.generate`, left-padded batches)."""
+        model = self.model  # loads the weights and sets `generation_config` on first use
+        encoded = [self._encode(text) for text in texts]
+        return generate(model, self.tokenizer, encoded, self.batch_size, "judge", generation_config=self.generation_config)
 
     def grade(self, items: list[tuple[str, str, list[str]]]) -> list[tuple[int | None, str]]:
         """Per (prompt, completion, references): (grade 0-3, or None when the answer has none; the raw answer)."""

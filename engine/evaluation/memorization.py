@@ -1,6 +1,6 @@
 """Memorization metrics: does the model still reproduce the forget-set text token for token?
 
-Familiarity (engine/evaluate.py) asks whether the model still *knows* about the target; these ask
+Familiarity (suite.py) asks whether the model still *knows* about the target; these ask
 whether it can still *recite* it, the verbatim leak that unlearning papers measure: memorization accuracy
 and extraction likelihood (Jang et al. 2022, "Knowledge Unlearning for Mitigating Privacy Risks in
 Language Models") and MUSE's verbatim memorization (Shi et al. 2024). All work on token ids, so they do
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from configs.errors import UserError
-from engine.evaluation.suite import _batches, _device, _inference, _next_token_log_probs
+from engine.evaluation.inference import batches, inference, model_device, next_token_log_probs
 
 
 def memorization_accuracy(model, sequences: list[list[int]], prefix_length: int, batch_size: int = 8) -> list[float]:
@@ -21,8 +21,8 @@ def memorization_accuracy(model, sequences: list[list[int]], prefix_length: int,
     """
     _check(sequences, "prefix_length", prefix_length)
     scores = []
-    with _inference(model):
-        rows = _next_token_log_probs(model, sequences, batch_size, "memorization accuracy")
+    with inference(model):
+        rows = next_token_log_probs(model, sequences, batch_size, "memorization accuracy")
         for seq, log_probs in zip(sequences, rows):
             predicted = log_probs[prefix_length - 1 : -1].argmax(-1)
             truth = torch.tensor(seq[prefix_length:], device=predicted.device)
@@ -44,7 +44,7 @@ def extraction_likelihood(
     """
     _check(sequences, "n", n, stride=stride)
     scores = []
-    with _inference(model):
+    with inference(model):
         for seq in sequences:
             starts = range(1, len(seq) - n + 1, stride)
             prefixes = [seq[:t] for t in starts]
@@ -65,7 +65,7 @@ def verbatim_rouge(
     """
     _check(sequences, "prefix_length", prefix_length, continuation_length=continuation_length)
     ends = [min(len(seq), prefix_length + continuation_length) for seq in sequences]
-    with _inference(model):
+    with inference(model):
         generated = _greedy(model, [seq[:prefix_length] for seq in sequences], ends, batch_size, "verbatim rouge")
     return [rouge_l(g, seq[prefix_length:end]) for g, seq, end in zip(generated, sequences, ends)]
 
@@ -116,9 +116,9 @@ def _greedy(model, prefixes: list[list[int]], totals: list[int], batch_size: int
     models and configs. Rows are right-padded, so a row's real positions never see the padding after
     them and each row grows at its own end. No KV cache: each step re-reads the rows (simple and exact).
     """
-    device = _device(model)
+    device = model_device(model)
     out = []
-    for batch in _batches(list(zip(prefixes, totals)), batch_size, desc):
+    for batch in batches(list(zip(prefixes, totals)), batch_size, desc):
         ids = torch.zeros(len(batch), max(total for _, total in batch), dtype=torch.long, device=device)
         for row, (prefix, _) in enumerate(batch):
             ids[row, : len(prefix)] = torch.tensor(prefix)

@@ -17,7 +17,7 @@ from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from configs.errors import UserError
-from engine.evaluation.suite import _inference, _next_token_log_probs
+from engine.evaluation.inference import inference, next_token_log_probs
 
 
 def mia_scores(
@@ -41,8 +41,8 @@ def mia_scores(
     if not 0 < k <= 1:
         raise UserError(f"membership scores: k must be in (0, 1], got {k}")
     scores: dict[str, list[float]] = {"loss": [], "min_k": []}
-    with _inference(model):
-        for seq, log_probs in zip(sequences, _next_token_log_probs(model, sequences, batch_size, "membership")):
+    with inference(model):
+        for seq, log_probs in zip(sequences, next_token_log_probs(model, sequences, batch_size, "membership")):
             targets = torch.tensor(seq[1:], device=log_probs.device)
             token_log_probs = log_probs[:-1].gather(1, targets[:, None]).squeeze(1)
             scores["loss"].append(-token_log_probs.mean().item())

@@ -1,0 +1,17 @@
+"""Unlearning methods, each one file on the seam of `engine/methods/base.py`; `method:` in a config picks one."""
+
+from __future__ import annotations
+
+from configs.errors import UserError
+from engine.methods.base import Method
+from engine.methods.gradient_ascent import GradientAscent
+from engine.methods.whp import WHP
+
+METHODS: dict[str, type[Method]] = {method.name: method for method in (WHP, GradientAscent)}
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered method called `name`, or a one-line error listing the known ones."""
+    if name not in METHODS:
+        raise UserError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+    return METHODS[name]

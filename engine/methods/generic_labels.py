@@ -1,260 +1,32 @@
-"""Generic labels, faithful to ../shared/design/whp-algorithm.md ("Generic labels, per block").
+"""Generic labels: the WHP teacher, which streams them to the trainer while it trains (docs/algorithm.md).
 
-Per block: translate the anchors (one seeded translation per key), map every original position to the
-translated position whose next-token prediction corresponds to it, run the baseline on the translated
-tokens and the reinforced model on the original ones, and let `kernels.generic_labels` mix and pick the
-labels. The translated block is run as it comes out of the tokenizer, so it may be a few tokens longer
-or shorter than `context_length`; the baseline must accept that length (its `max_position_embeddings`
-should leave some headroom over the block length; `stats["max_translated_length"]` reports the longest).
+Per block: translate the anchors, run the baseline on the translated tokens and the reinforced model on
+the original ones, and let `kernels.generic_labels` mix the two heads and pick the labels, so logits never
+materialize. The translated block is run as it comes out of the tokenizer, so it may be a few tokens longer
+or shorter than `context_length`; the baseline must accept that length (`stats["max_translated_length"]`
+reports the longest).
 """
 
 from __future__ import annotations
 
-import bisect
-import json
 import random
-import re
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import ClassVar
 
-import datasets
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import kernels
-from kernels.device import nvtx_range
 from configs.schema import LabelConfig
-from engine.data.corpus import Block, stripped_spans
-from configs.errors import UserError
-
-IGNORE_INDEX = -100
-META_FILE = "labelset.json"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Translation and position map
-
-
-@dataclass
-class Translation:
-    """One block after anchor translation; `position_map[i]` is a translated position or -1 (ignored)."""
-
-    input_ids: list[int]
-    translated_ids: list[int]
-    position_map: list[int]
-    forbidden: list[list[int]]  # per translated position: token ids whose baseline logit becomes the row mean
-    skipped: int  # anchor matches left untranslated because they do not fall on token boundaries
-    unaligned: int  # positions ignored because the translated tokenization has no counterpart
-    matched: int  # anchor matches translated
-    translated_text: str
-
-
-@dataclass
-class _Replacement:
-    key: str
-    text: str  # the chosen translation
-    first_token: int  # original token positions covered by the anchor
-    last_token: int
-    start: int  # characters of the replacement in the translated text
-    end: int
-
-
-def anchor_pattern(keys: Iterable[str]) -> re.Pattern:
-    """Case-sensitive whole-word matcher of the keys; longest key first, so `finditer` is greedy longest-match."""
-    return _compiled_pattern(tuple(sorted(set(keys), key=lambda key: (-len(key), key))))
-
-
-@lru_cache(maxsize=8)
-def _compiled_pattern(keys: tuple[str, ...]) -> re.Pattern:
-    # \b would fail for keys that begin or end with punctuation ("Dr."); lookarounds mean "not inside a word".
-    return re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, keys)) + r")(?!\w)")
-
-
-def translate_block(
-    block: Block,
-    anchors: dict[str, list[str]],
-    tokenizer,
-    rng: random.Random,
-    forbid_anchor_keys: bool = False,
-) -> Translation:
-    """Translate the block's anchors and build the position map and forbidden tokens (see module doc)."""
-    chosen = {key: rng.choice(anchors[key]) for key in sorted(anchors)}  # drawn for every key: order-stable
-    spans = stripped_spans(block.text, block.offsets)
-    first_token_at, last_token_at = {}, {}
-    for index, (start, end) in enumerate(spans):
-        first_token_at.setdefault(start, index)
-        last_token_at[end] = index
-
-    # Scan, skip matches off token boundaries, and build the translated text.
-    pieces, cursor, shift = [], 0, 0
-    replacements: list[_Replacement] = []
-    original_ends, shifts_after = [], [0]  # shifts_after[k]: character shift once k replacements are behind
-    occurring_keys, skipped = set(), 0
-    for match in anchor_pattern(anchors).finditer(block.text) if anchors else ():
-        key = match.group()
-        occurring_keys.add(key)
-        first, last = first_token_at.get(match.start()), last_token_at.get(match.end())
-        if first is None or last is None:
-            skipped += 1
-            continue
-        replacement = chosen[key]
-        start = match.start() + shift
-        pieces += [block.text[cursor : match.start()], replacement]
-        replacements.append(_Replacement(key, replacement, first, last, start, start + len(replacement)))
-        shift += len(replacement) - len(key)
-        original_ends.append(match.end())
-        shifts_after.append(shift)
-        cursor = match.end()
-    pieces.append(block.text[cursor:])
-    translated_text = "".join(pieces)
-
-    encoding = tokenizer(translated_text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    translated_ids = list(encoding["input_ids"])
-    translated_spans = stripped_spans(translated_text, encoding["offset_mapping"])
-    translated_at = defaultdict(list)  # span -> translated positions (several for byte-fallback pieces)
-    for index, span in enumerate(translated_spans):
-        translated_at[span].append(index)
-    translated_last_at = {end: index for index, (_, end) in enumerate(translated_spans)}
-
-    # Rule-ignored positions first; everything else is looked up and counted when it has no counterpart.
-    position_map = [-1] * len(block.input_ids)
-    ignored, anchor_last = set(), {}
-    seen_keys = set()
-    for replacement in replacements:
-        ignored.update(range(replacement.first_token, replacement.last_token))
-        anchor_last[replacement.last_token] = replacement
-        if replacement.key in seen_keys and replacement.first_token > 0:
-            ignored.add(replacement.first_token - 1)
-        seen_keys.add(replacement.key)
-
-    unaligned, same_span_seen = 0, defaultdict(int)
-    for index, (start, end) in enumerate(spans):
-        if index in ignored:
-            continue
-        if index in anchor_last:
-            target = translated_last_at.get(anchor_last[index].end, -1)
-        else:
-            delta = shifts_after[bisect.bisect_right(original_ends, start)]
-            candidates = translated_at.get((start + delta, end + delta), [])
-            ordinal = same_span_seen[(start, end)]
-            same_span_seen[(start, end)] += 1
-            target = candidates[ordinal] if ordinal < len(candidates) else -1
-        position_map[index] = target
-        unaligned += target < 0
-
-    forbidden = _forbidden_rows(
-        tokenizer, translated_ids, translated_spans, replacements, occurring_keys if forbid_anchor_keys else ()
-    )
-    return Translation(
-        input_ids=list(block.input_ids),
-        translated_ids=translated_ids,
-        position_map=position_map,
-        forbidden=forbidden,
-        skipped=skipped,
-        unaligned=unaligned,
-        matched=len(replacements),
-        translated_text=translated_text,
-    )
-
-
-def _forbidden_rows(tokenizer, translated_ids, translated_spans, replacements, always_forbidden_keys):
-    """Per translated row, the ids forbidden there: a replacement's first token from the row after it on."""
-    new_from_row = defaultdict(set)
-    translated_ends = [end for _, end in translated_spans]
-    for replacement in replacements:
-        start_token = bisect.bisect_right(translated_ends, replacement.start)  # token covering its first character
-        ids = _first_word_tokens(tokenizer, replacement.text)
-        if start_token < len(translated_ids) and not _is_whitespace(tokenizer, translated_ids[start_token]):
-            ids.add(translated_ids[start_token])
-        new_from_row[start_token + 1] |= ids
-    current = set().union(*(_first_word_tokens(tokenizer, key) for key in always_forbidden_keys))
-    rows = []
-    for row in range(len(translated_ids)):
-        current |= new_from_row.get(row, set())
-        rows.append(sorted(current))
-    return rows
-
-
-def _first_word_tokens(tokenizer, word: str) -> set[int]:
-    """First token of `word` tokenized with and without a leading space, skipping pure-whitespace tokens."""
-    firsts = set()
-    for text in (word, " " + word):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        first = next((i for i in ids if not _is_whitespace(tokenizer, i)), None)
-        if first is not None:
-            firsts.add(first)
-    return firsts
-
-
-def _is_whitespace(tokenizer, token_id: int) -> bool:
-    return not tokenizer.decode([token_id]).strip()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Forward passes, mixing, label sets
-
-
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """LM-head inputs (after the final norm): the kernel applies the head itself, so logits never materialize here."""
-    return model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-def head_weight(model) -> torch.nn.Parameter:
-    """The LM-head weight parameter (under ZeRO-3 a shard: read it inside `lm_head_weights`)."""
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise UserError("the model's LM head has a bias; generic labels support bias-free (Llama-class) heads only")
-    return head.weight
-
-
-@contextmanager
-def lm_head_weights(*models) -> Iterator[list[torch.Tensor]]:
-    """The full LM-head weights of `models` for the duration of the block.
-
-    The kernel applies the heads itself, outside their modules' forward, so under DeepSpeed ZeRO-3 the
-    partitioned weights must be gathered explicitly (as trl's `maybe_gather_lm_head_ctx` does); every
-    rank must enter this together. Unsharded models pass through untouched.
-    """
-    weights = [head_weight(model) for model in models]
-    partitioned = [w for w in weights if hasattr(w, "ds_id")]
-    if not partitioned:
-        yield weights
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield weights
-
-
-@torch.no_grad()
-def check_head_gives_logits(model, input_ids: torch.Tensor, role: str) -> None:
-    """Mixing applies the head to the final hidden states itself: refuse models that change logits afterwards.
-
-    (Gemma-2's soft-capping or Cohere's logit scale would make the labels silently wrong.) The full
-    forward runs outside `lm_head_weights`: under ZeRO-3 the head's own forward re-partitions its weight.
-    """
-    logits = model(input_ids=input_ids).logits.float()
-    hidden = final_hidden_states(model, input_ids).float()
-    with lm_head_weights(model) as (weight,):
-        recomputed = hidden @ weight.float().T
-    if not torch.allclose(logits, recomputed, rtol=1e-3, atol=1e-3 * float(logits.abs().max()) + 1e-4):
-        raise UserError(f"the {role} model transforms its logits after the LM head (e.g. soft-capping); generic labels need plain head(hidden) logits")
-
-
-def check_same_vocabulary(baseline, reinforced) -> None:
-    """Labels index one vocabulary: both models must share it (a reinforced model of another base would not)."""
-    shapes = [tuple(getattr(w, "ds_shape", w.shape)) for w in (head_weight(baseline), head_weight(reinforced))]
-    sizes = [model.config.vocab_size for model in (baseline, reinforced)]
-    if shapes[0] != shapes[1] or sizes[0] != sizes[1]:
-        raise UserError(
-            f"baseline and reinforced models differ: LM head {shapes[0]} vs {shapes[1]}, vocab_size {sizes[0]} vs {sizes[1]}"
-        )
+from engine.data.corpus import Block
+from engine.data.label_sets import LabelSet, label_stats, merge_stats
+from engine.data.translation import Translation, translate_block
+from engine.models import IGNORE_INDEX, load_model, load_tokenizer, check_head_gives_logits, check_same_vocabulary, final_hidden_states, lm_head_weights
+from kernels.device import nvtx_range
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -312,31 +84,6 @@ def _pad_rows(rows: list[list[int]], fill: int) -> torch.Tensor:
     return padded
 
 
-@dataclass
-class LabelSet:
-    """Original blocks and their generic labels, one label column per α, in the HF causal-LM convention."""
-
-    input_ids: torch.Tensor  # int64 [B, L]
-    labels: torch.Tensor  # int64 [B, L, A]: model(input_ids, labels=labels[..., a]).loss trains on alphas[a]
-    alphas: list[float]
-    stats: dict
-
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        columns = {"input_ids": self.input_ids.numpy(), "labels": self.labels.numpy()}
-        datasets.Dataset.from_dict(columns).save_to_disk(str(path))
-        (path / META_FILE).write_text(json.dumps({"alphas": self.alphas, "stats": self.stats}, indent=2))
-
-    @classmethod
-    def load(cls, path: str | Path) -> LabelSet:
-        path = Path(path)
-        if not (path / META_FILE).is_file():
-            raise UserError(f"no label set in {path} (missing {META_FILE})")
-        meta = json.loads((path / META_FILE).read_text())
-        columns = datasets.load_from_disk(str(path)).with_format("torch")[:]
-        return cls(columns["input_ids"].long(), columns["labels"].long(), meta["alphas"], meta["stats"])
-
-
 def _label_batch(baseline, reinforced, tokenizer, blocks: list[Block], block_ids: list[int], anchors, cfg: LabelConfig, wb, wr, counts) -> torch.Tensor:
     """Labels int64 [len(blocks), L, len(cfg.alphas)]; block i draws its translations from
     `random.Random(f"{seed}:{block_ids[i]}")`, so labels depend on neither the batch nor the order of requests."""
@@ -383,7 +130,42 @@ def build_labels(
             bar.update(len(batch))
     input_ids = torch.tensor([block.input_ids for block in blocks], dtype=torch.long)
     labels = torch.cat(label_batches)
-    return LabelSet(input_ids, labels, cfg.alphas, _stats(input_ids, labels, cfg.alphas, counts))
+    return LabelSet(input_ids, labels, cfg.alphas, label_stats(input_ids, labels, cfg.alphas, counts))
+
+
+@dataclass
+class LabelerSpec:
+    """WHP's `TeacherSpec`: what a labeler needs — the two frozen models, the blocks and the anchor dictionary."""
+
+    role: ClassVar[str] = "labeler"
+
+    baseline: Path
+    reinforced: Path
+    blocks: list[Block]
+    anchors: dict[str, list[str]]
+    labels: LabelConfig
+
+    def build(self, device: torch.device, dtype: torch.dtype = torch.float32) -> GenericLabeler:
+        baseline = load_model(self.baseline, "baseline", device, dtype).eval()
+        reinforced = load_model(self.reinforced, "reinforced", device, dtype).eval()
+        return GenericLabeler(baseline, reinforced, load_tokenizer(self.baseline, "baseline"), self.blocks, self.anchors, self.labels)
+
+    def build_sharded(self, dtype: torch.dtype = torch.float32) -> GenericLabeler:
+        """One rank of a labeler group (torchrun-style env) holding 1/WORLD_SIZE of both frozen models under
+        ZeRO-3: for models too big for one device. Every rank of the group must label in step."""
+        import deepspeed
+
+        from engine.training.zero import load_zero3_model
+
+        ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16}}
+        engines = [deepspeed.initialize(model=load_zero3_model(path, ds_config, dtype), config=ds_config)[0] for path in (self.baseline, self.reinforced)]
+        baseline, reinforced = (engine.module.eval() for engine in engines)
+        labeler = GenericLabeler(baseline, reinforced, load_tokenizer(self.baseline, "baseline"), self.blocks, self.anchors, self.labels, shard_group=dist.group.WORLD)
+        labeler.engines = engines  # the engines own the hooks that gather each layer's shards in forward
+        return labeler
+
+    def merge_stats(self, parts: list[dict]) -> dict:
+        return merge_stats(parts)
 
 
 class GenericLabeler:
@@ -402,7 +184,7 @@ class GenericLabeler:
         self.column = cfg.alphas.index(cfg.alpha)
         self.cache: dict[int, torch.Tensor] = {}  # block id → int32 [L, len(alphas)]
         self.counts: dict[str, int] = defaultdict(int)
-        self.tokens_labeled, self.busy_seconds = 0, 0.0
+        self.units_done, self.busy_seconds = 0, 0.0
 
     def __call__(self, block_ids: torch.Tensor) -> torch.Tensor:
         """Labels int64 [len(block_ids), L] for the trained α."""
@@ -419,7 +201,7 @@ class GenericLabeler:
                     self.cache.update(zip(ids, labels.to(torch.int32)))
                 for _ in range(rounds - len(batches)):  # the shard group's ZeRO-3 gathers need every rank's forwards
                     _label_batch(baseline, reinforced, self.tokenizer, self.blocks[:1], [0], self.anchors, self.cfg, wb, wr, defaultdict(int))
-            self.tokens_labeled += len(missing) * len(self.blocks[0].input_ids)
+            self.units_done += len(missing) * len(self.blocks[0].input_ids)
             self.busy_seconds += time.perf_counter() - start
         if block_ids.numel() == 0:
             return torch.empty(0, len(self.blocks[0].input_ids), dtype=torch.long)
@@ -441,38 +223,4 @@ class GenericLabeler:
         ids = sorted(self.cache)
         input_ids = torch.tensor([self.blocks[i].input_ids for i in ids], dtype=torch.long)
         labels = torch.stack([self.cache[i] for i in ids]).long() if ids else torch.empty(0, 0, len(self.cfg.alphas), dtype=torch.long)
-        return _stats(input_ids, labels, self.cfg.alphas, self.counts)
-
-
-def _stats(input_ids: torch.Tensor, labels: torch.Tensor, alphas: list[float], counts: dict) -> dict:
-    labeled = labels[..., 0] != IGNORE_INDEX  # the same positions for every α
-    changed = (labels != IGNORE_INDEX) & (labels != input_ids.unsqueeze(-1))  # HF convention: column i labels token i
-    stats = {
-        "blocks": input_ids.shape[0],
-        "tokens": input_ids.numel(),
-        **counts,
-        "labeled_positions": int(labeled.sum()),
-        "changed_positions": {f"{alpha:g}": int(n) for alpha, n in zip(alphas, changed.sum(dim=(0, 1)))},
-    }
-    return _with_fractions(stats)
-
-
-def _with_fractions(stats: dict) -> dict:
-    labeled = max(stats["labeled_positions"], 1)
-    return {**stats, "changed_fraction": {alpha: round(n / labeled, 6) for alpha, n in stats["changed_positions"].items()}}
-
-
-def merge_stats(parts: list[dict]) -> dict:
-    """The statistics of several labelers' disjoint blocks as if one labeler had made them all."""
-    merged: dict = {}
-    for part in parts:
-        for key, value in part.items():
-            if key == "changed_fraction":
-                continue
-            if key == "changed_positions":
-                merged[key] = {alpha: merged.get(key, {}).get(alpha, 0) + n for alpha, n in value.items()}
-            elif key == "max_translated_length":
-                merged[key] = max(merged.get(key, 0), value)
-            else:
-                merged[key] = merged.get(key, 0) + value
-    return _with_fractions(merged)
+        return label_stats(input_ids, labels, self.cfg.alphas, self.counts)

@@ -1,9 +1,10 @@
-"""One training phase (reinforce or unlearn) as a job any trainer can run.
+"""One training phase as a job any runner can run, and the protocols that tie runners to methods.
 
 A `TrainJob` holds everything a trainer rank needs and is picklable, so the same job runs in this process
-(`LocalTrainer`: TorchBackend, labels made on demand, `engine.workers=0`) or on Ray workers as a DeepSpeed
-ZeRO-3 group (`engine.training.runners.ray_runner.RayTrainer`, whose ranks call `train_rank`). Reinforce trains on plain
-next-token labels; unlearn on generic labels from a `GenericLabeler` built from the job's `LabelerSpec`.
+(`runners.local.LocalRunner`: TorchBackend, targets made on demand, `engine.workers=0`) or on Ray workers
+as a DeepSpeed ZeRO-3 group fed by teacher processes (`runners.ray_runner.RayRunner`). The method decides
+the job's objective and its teacher — the frozen models that stream per-block targets (WHP: generic
+labels); without a teacher the targets are the input ids themselves.
 """
 
 from __future__ import annotations
@@ -14,61 +15,59 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from configs import LabelConfig, TrainConfig
-from engine.data.corpus import Block
+from configs import TrainConfig
 from configs.errors import Interrupted
-from engine.methods.generic_labels import GenericLabeler
-from engine.models import load_model, load_tokenizer, pick_device, save_model
-from engine.training.loop import FitResult, LabelSource, TorchBackend, fit
+from engine.models import torch_dtype
+from engine.training.checkpoints import latest_step
+from engine.training.loop import FitResult, TargetSource, fit
+from engine.training.objectives import Objective
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LabelerSpec:
-    """What a labeler needs: the two frozen models, the blocks and the anchor dictionary."""
+class Teacher(TargetSource, Protocol):
+    """Frozen models that make the targets of any blocks on demand, inside a teacher process or in this one."""
 
-    baseline: Path
-    reinforced: Path
-    blocks: list[Block]
-    anchors: dict[str, list[str]]
-    labels: LabelConfig
+    units_done: int  # tokens (or blocks) processed so far
+    busy_seconds: float  # time spent computing them
 
-    def build(self, device: torch.device, dtype: torch.dtype = torch.float32) -> GenericLabeler:
-        baseline = load_model(self.baseline, "baseline", device, dtype).eval()
-        reinforced = load_model(self.reinforced, "reinforced", device, dtype).eval()
-        return GenericLabeler(baseline, reinforced, load_tokenizer(self.baseline, "baseline"), self.blocks, self.anchors, self.labels)
+    def stats(self) -> dict:
+        """What the teacher reports about its targets (WHP: label statistics), over the blocks it made."""
+        ...
 
-    def build_sharded(self, dtype: torch.dtype = torch.float32) -> GenericLabeler:
-        """One rank of a labeler group (torchrun-style env) holding 1/WORLD_SIZE of both frozen models under
-        ZeRO-3: for models too big for one device. Every rank of the group must label in step."""
-        import deepspeed
-        import torch.distributed as dist
 
-        from engine.training.zero import load_zero3_model
+class TeacherSpec(Protocol):
+    """What a teacher process needs to build its teacher: picklable, shipped to Ray actors."""
 
-        ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16}}
-        engines = [deepspeed.initialize(model=load_zero3_model(path, ds_config, dtype), config=ds_config)[0] for path in (self.baseline, self.reinforced)]
-        baseline, reinforced = (engine.module.eval() for engine in engines)
-        labeler = GenericLabeler(baseline, reinforced, load_tokenizer(self.baseline, "baseline"), self.blocks, self.anchors, self.labels, shard_group=dist.group.WORLD)
-        labeler.engines = engines  # the engines own the hooks that gather each layer's shards in forward
-        return labeler
+    role: str  # how logs and errors name one process ("labeler")
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> Teacher: ...
+
+    def build_sharded(self, dtype: torch.dtype) -> Teacher:
+        """One rank of a teacher group (torchrun-style env) holding 1/WORLD_SIZE of the frozen models under
+        ZeRO-3; every rank of the group must make targets in step."""
+        ...
+
+    def merge_stats(self, parts: list[dict]) -> dict:
+        """The stats of several teachers' disjoint blocks as if one teacher had made them all."""
+        ...
 
 
 @dataclass
 class TrainJob:
-    """One phase: fine-tune `init` on `input_ids` with plain labels (no labeler) or generic ones."""
+    """One phase: fine-tune `init` on `input_ids` toward the teacher's targets (or the input ids)."""
 
-    phase: str  # reinforce | unlearn: the tensorboard and progress name
+    phase: str  # the tensorboard, checkpoint and progress name
     init: Path  # the model training starts from
     train: TrainConfig
-    input_ids: torch.Tensor  # [B, L] blocks of the target corpus
-    labeler: LabelerSpec | None  # None: labels = input_ids (next-token)
+    input_ids: torch.Tensor  # [B, L] blocks of the corpus
+    objective: Objective
+    teacher: TeacherSpec | None  # None: targets = input_ids
     save_to: Path  # the consolidated HF model (best validation, or final)
     keep_best: bool
     checkpoint_dir: Path
@@ -79,14 +78,24 @@ class TrainJob:
     deepspeed: dict[str, Any] = field(default_factory=dict)  # user JSON merged over the generated config
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
-        return torch.bfloat16 if self.dtype == "bfloat16" and device.type == "cuda" else torch.float32
+        return torch_dtype(self.dtype, device)
 
 
 @dataclass
 class PhaseResult:
     fit: FitResult
-    label_stats: dict | None  # LabelSet-style statistics of the generic labels (unlearn)
-    throughput: dict[str, float]  # tokens/s, label wait fraction, labeler tokens/s and utilization
+    teacher_stats: dict | None  # the teachers' merged stats (WHP: label statistics)
+    throughput: dict[str, float]  # tokens/s, target wait fraction, teacher tokens/s and utilization
+
+
+class Runner(Protocol):
+    """Runs training phases; a context manager so a cluster it started stays up for later phases."""
+
+    def __enter__(self) -> Runner: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def train(self, job: TrainJob, resume: bool) -> PhaseResult: ...
 
 
 class StopFlag:
@@ -132,70 +141,33 @@ def check_interrupted(job: TrainJob, result: FitResult, stop: StopFlag) -> None:
         raise Interrupted(f"{job.phase} stopped by {name} at step {result.steps}; checkpoint in {job.checkpoint_dir}: rerun the same command with --resume", stop.signum or signal.SIGTERM)
 
 
-def throughput(result: FitResult, labeler_tokens_per_s: float = 0.0, labeler_utilization: float = 0.0) -> dict[str, float]:
-    """Trained tokens/s and the share of training time spent waiting for labels, beside the labelers' tokens/s
-    while computing (summed over labelers) and their utilization (computing vs. blocked on full queues)."""
+def checkpoint_note(job: TrainJob) -> str:
+    """What a fatal error leaves behind for `--resume`."""
+    step = latest_step(job.checkpoint_dir)
+    return f"the checkpoint of step {step} is kept in {job.checkpoint_dir}: rerun with --resume once fixed" if step else "no checkpoint was written yet"
+
+
+def throughput(result: FitResult, teacher_tokens_per_s: float = 0.0, teacher_utilization: float = 0.0) -> dict[str, float]:
+    """Trained tokens/s and the share of training time spent waiting for targets, beside the teachers' tokens/s
+    while computing (summed over teachers) and their utilization (computing vs. blocked on full queues)."""
     seconds = max(result.seconds, 1e-9)
     return {
         "tokens_per_s": result.tokens / seconds,
         "label_wait_fraction": result.label_wait_seconds / seconds,
-        "labeler_tokens_per_s": labeler_tokens_per_s,
-        "labeler_utilization": labeler_utilization,
+        "labeler_tokens_per_s": teacher_tokens_per_s,
+        "labeler_utilization": teacher_utilization,
     }
 
 
-def _fit(job: TrainJob, backend, labels: LabelSource | None, resume: bool, stop, progress=None, rank: int = 0) -> FitResult:
-    writer = SummaryWriter(str(job.tb_dir)) if rank == 0 else None
+def fit_job(job: TrainJob, backend, targets: TargetSource | None, resume: bool, stop, progress: Callable[[int, int, float], None] | None = None) -> FitResult:
+    """`fit` with the job's settings; rank 0 writes the tensorboard scalars."""
+    writer = SummaryWriter(str(job.tb_dir)) if backend.rank == 0 else None
     try:
         return fit(
-            backend, job.input_ids, labels if labels is not None else job.input_ids, job.train,
+            backend, job.input_ids, targets if targets is not None else job.input_ids, job.train,
             save_to=job.save_to, keep_best=job.keep_best, writer=writer, desc=job.phase,
             checkpoint_dir=job.checkpoint_dir, checkpoint_every=job.checkpoint_every, resume=resume, stop=stop, progress=progress,
         )
     finally:
         if writer is not None:
             writer.close()
-
-
-def train_local(job: TrainJob, resume: bool, stop: StopFlag) -> PhaseResult:
-    """The phase in this process; labels are made when the step needs them (no overlap)."""
-    device = pick_device(job.device)
-    tokenizer = load_tokenizer(job.init, "initial")
-    model = load_model(job.init, "initial", device)
-    autocast = torch.bfloat16 if job.torch_dtype(device) == torch.bfloat16 else None
-    backend = TorchBackend(model, job.train, save_fn=lambda m, path: save_model(m, tokenizer, path), autocast_dtype=autocast)
-    labeler = job.labeler.build(device, job.torch_dtype(device)) if job.labeler else None
-    result = _fit(job, backend, labeler, resume, stop)
-    check_interrupted(job, result, stop)
-    if labeler is None:
-        return PhaseResult(result, None, throughput(result))
-    rate = labeler.tokens_labeled / labeler.busy_seconds if labeler.busy_seconds else 0.0
-    return PhaseResult(result, labeler.stats(), throughput(result, rate, labeler.busy_seconds / max(result.seconds, 1e-9)))
-
-
-def train_rank(job: TrainJob, labels: LabelSource | None, resume: bool, stop, progress: Callable[[int, int, float], None] | None) -> FitResult:
-    """One rank of a DeepSpeed ZeRO-3 group (joined from torchrun-style env): every rank calls it alike."""
-    from engine.training.zero import DeepSpeedBackend, ds_config_for, ensure_distributed, load_zero3_model
-
-    ensure_distributed()
-    world_size = torch.distributed.get_world_size()
-    device = pick_device(job.device)
-    dtype = job.torch_dtype(device)
-    ds_config = ds_config_for(job.train, world_size, dtype, user=job.deepspeed)
-    model = load_zero3_model(job.init, ds_config, dtype)
-    backend = DeepSpeedBackend(model, job.train, ds_config, tokenizer=load_tokenizer(job.init, "initial"))
-    return _fit(job, backend, labels, resume, stop, progress, rank=backend.rank)
-
-
-class LocalTrainer:
-    """Runs phases in this process (`engine.workers=0`): for debugging and small models."""
-
-    def __enter__(self) -> LocalTrainer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def train(self, job: TrainJob, resume: bool) -> PhaseResult:
-        with StopFlag().installed() as stop:
-            return train_local(job, resume, stop)

@@ -1,9 +1,9 @@
-"""The DeepSpeed ZeRO-3 `TrainBackend`: the same loop and loss as `TorchBackend`, sharded over ranks.
+"""The DeepSpeed ZeRO-3 `TrainBackend`: the same loop and objective as `TorchBackend`, sharded over ranks.
 
 Every rank of the torch.distributed group holds one `DeepSpeedBackend` and calls `train_step` with its
 own micro-batches; the step's loss is the token-weighted mean over all ranks' micro-batches, so
 N ranks × micro-batch b train exactly like 1 rank × N·b. On CPU this runs with the CPU accelerator and
-gloo (see shared/recipes/cpu-stack.md); on GPU with NCCL.
+gloo (docs/engine.md); on GPU with NCCL.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from configs import TrainConfig
-from engine.training.loop import IGNORE_INDEX, MicroBatch, StepStats, causal_lm_loss_sum
+from engine.training.backends import MicroBatch, StepStats
+from engine.training.objectives import NEXT_TOKEN, Objective
 
 # Consolidating a large model or a long evaluation can outlast the default 30 min collective timeout.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
@@ -84,9 +85,9 @@ def load_zero3_model(path_or_config: str | Path | PretrainedConfig, ds_config: d
 class DeepSpeedBackend:
     """`TrainBackend` on a DeepSpeed ZeRO-3 engine; every rank must make the same sequence of calls."""
 
-    def __init__(self, model: PreTrainedModel, cfg: TrainConfig, ds_config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None = None):
+    def __init__(self, model: PreTrainedModel, cfg: TrainConfig, ds_config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None = None, objective: Objective = NEXT_TOKEN):
         ensure_distributed()
-        self.cfg = cfg
+        self.cfg, self.objective = cfg, objective
         self.tokenizer = tokenizer
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -104,32 +105,34 @@ class DeepSpeedBackend:
     def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepStats:
         """One optimizer update over this rank's micro-batches (any number; the last one is the boundary).
 
-        Gradient = ∇ Σ_all-ranks summed-CE / Σ_all-ranks tokens. DeepSpeed averages gradients over ranks and
-        (by default) divides the loss by gradient_accumulation_steps, so each micro-batch's summed loss
-        is scaled by world_size / global_tokens and backward runs with scale_wrt_gas=False.
+        Gradient = ∇ Σ_all-ranks summed objective / Σ_all-ranks units. DeepSpeed averages gradients over ranks
+        and (by default) divides the loss by gradient_accumulation_steps, so each micro-batch's summed loss
+        is scaled by world_size / global_units and backward runs with scale_wrt_gas=False.
         """
         self.engine.train()
-        local_tokens = sum(int((labels[:, 1:] != IGNORE_INDEX).sum()) for _, labels in micro_batches)
-        (global_tokens,) = self.all_reduce(local_tokens)
-        scale = self.world_size / max(global_tokens, 1.0)
+        local_units = sum(self.objective.units(input_ids, targets) for input_ids, targets in micro_batches)
+        (global_units,) = self.all_reduce(local_units)
+        scale = self.world_size / max(global_units, 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for i, (input_ids, labels) in enumerate(micro_batches):
+        device = self.engine.device
+        for i, (input_ids, targets) in enumerate(micro_batches):
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            loss, _ = causal_lm_loss_sum(self._logits(input_ids), labels.to(self.engine.device))
+            loss = self.objective.loss_sum(self._logits(input_ids), input_ids.to(device), targets.to(device))
             self.engine.backward(loss * scale, scale_wrt_gas=False)
             self.engine.step()
             loss_sum += float(loss.detach())
         (global_loss,) = self.all_reduce(loss_sum)
-        return StepStats(loss=global_loss / max(global_tokens, 1.0), grad_norm=float(self.engine.get_global_grad_norm()), tokens=int(global_tokens))
+        return StepStats(loss=global_loss / max(global_units, 1.0), grad_norm=float(self.engine.get_global_grad_norm()), tokens=int(global_units))
 
     @torch.no_grad()
-    def eval_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        """(summed cross-entropy, counted tokens) over every rank's batch."""
+    def eval_loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+        """(summed objective, its units) over every rank's batch."""
         self.engine.eval()
-        loss, count = causal_lm_loss_sum(self._logits(input_ids), labels.to(self.engine.device))
-        total, total_count = self.all_reduce(float(loss), count)
+        device = self.engine.device
+        loss = self.objective.loss_sum(self._logits(input_ids), input_ids.to(device), targets.to(device))
+        total, total_count = self.all_reduce(float(loss), self.objective.units(input_ids, targets))
         return total, int(total_count)
 
     def save(self, path: Path) -> None:

@@ -16,7 +16,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from configs.errors import Interrupted, UserError
+from configs.errors import Interrupted, RunFailed, UserError, first_line
 
 SETUP_TIMEOUT_S = 120.0  # placement + actor start; a cluster still waiting for nodes fails here, not later
 
@@ -61,7 +61,12 @@ def _strategy(num_workers: int, cpus: float, gpus: float) -> str:
 
 
 class WorkerLost(RuntimeError):
-    """A trainer rank or a labeler process died (killed, OOM, node lost): the run can restart from a checkpoint."""
+    """A trainer rank or a teacher process died (killed, OOM-killed, node lost) or a queue between them
+    stalled: the run can restart from a checkpoint."""
+
+
+class QueueStalled(WorkerLost):
+    """A rank waited past `engine.label_timeout_s` for a teacher's targets (raised inside the rank)."""
 
 
 def wait_all(
@@ -91,10 +96,21 @@ def wait_all(
             except RayActorError as exc:
                 raise WorkerLost(f"{named[ref]} died during {what}: {type(exc).__name__}") from exc
             except RayTaskError as exc:
-                if isinstance(exc.cause, (UserError, Interrupted)):
-                    raise exc.cause from None
-                raise RuntimeError(f"{named[ref]} failed during {what}: {exc.cause!r}") from exc
+                raise _sorted(exc.cause, named[ref], what) from None
     return results
+
+
+def _sorted(cause: BaseException, name: str, what: str) -> Exception:
+    """A worker's exception as the driver raises it: the user's own errors as they are, a stalled queue as
+    restartable, anything else (out of memory, a non-finite loss, a bug) as fatal, naming the worker."""
+    if isinstance(cause, (UserError, Interrupted)):
+        return cause
+    if isinstance(cause, WorkerLost):
+        return WorkerLost(f"{name}: {cause}")
+    text = first_line(cause)
+    if isinstance(cause, RunFailed):
+        return RunFailed(f"{name} failed during {what}: {text}")
+    return RunFailed(f"{name} failed during {what}: {type(cause).__name__}" + (f": {text}" if text != type(cause).__name__ else ""))
 
 
 class TrainerGroup:

@@ -1,0 +1,81 @@
+"""The method seam: what an unlearning method declares, and nothing the recipe or the runners decide for it.
+
+A method is one file in this package and one line in its registry (`engine/methods/__init__.py`). It
+declares its training phases in order — for each: what it trains on, the model it starts from, its
+per-micro-batch objective, the frozen models (a teacher) that stream per-block targets, and its
+best-checkpoint rule — and what it records about a finished run. The recipe (`engine/recipe.py`) claims
+outputs, checks inputs, hands each phase to a runner and evaluates; the runners (`engine/training/runners/`)
+run any phase without knowing the method. See docs/methods.md for a walk-through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import torch
+
+from configs import RunConfig, TrainConfig
+from engine.data.corpus import Block
+from engine.training.job import PhaseResult, TeacherSpec
+from engine.training.objectives import Objective
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase of a method, as the recipe hands it to a runner."""
+
+    name: str  # names the phase's checkpoints and logs; the last phase of a method publishes RUN/unlearned
+    init: Path  # the model training starts from
+    train: TrainConfig
+    objective: Objective
+    teacher: TeacherSpec | None = None  # frozen models streaming per-block targets; None: the input ids
+    keep_best: bool = False  # keep the weights of the lowest validation objective (else the final ones)
+
+
+@dataclass
+class RunInputs:
+    """What every method gets, loaded and checked before the run directory is touched."""
+
+    baseline: Path | None  # the model to unlearn from (None when only evaluating a given model)
+    tokenizer: object
+    forget_blocks: list[Block]  # the target corpus cut into blocks: what the run makes the model forget
+    outputs: dict[str, Path]  # each phase's output in the run directory
+
+    def forget_ids(self) -> torch.Tensor:
+        return torch.tensor([block.input_ids for block in self.forget_blocks])
+
+
+class Method(Protocol):
+    name: ClassVar[str]  # the `method:` config value
+    outputs: ClassVar[dict[str, str]]  # phase (or export) → its output's name in the run directory
+    exports: ClassVar[tuple[str, ...]]  # commands that write an output for inspection, not a training phase
+
+    def __init__(self, cfg: RunConfig) -> None: ...
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The training phases `obliviate run` runs, in order; the last one writes RUN/unlearned."""
+        ...
+
+    def prepare(self, todo: list[str], inputs: RunInputs) -> None:
+        """Load and check this method's own inputs for the phases in `todo`; raise UserError, write nothing."""
+        ...
+
+    def phase(self, name: str, inputs: RunInputs) -> Phase:
+        """The phase `name`, built once the phases before it have published their outputs."""
+        ...
+
+    def export(self, name: str, inputs: RunInputs, staging: Path, device: torch.device) -> None:
+        """Write the export `name` into `staging` (only for names in `exports`)."""
+        ...
+
+    def summary(self, result: PhaseResult) -> dict:
+        """What is recorded beside the unlearned model (obliviate_training.json) from its phase's result."""
+        ...
+
+    @staticmethod
+    def describe(name: str, summary: dict) -> str:
+        """One report line on how the model `name` was made, from its recorded summary."""
+        ...

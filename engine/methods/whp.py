@@ -1,0 +1,101 @@
+"""Who's Harry Potter? (Eldan & Russinovich, 2023): reinforce, then unlearn on generic labels (docs/algorithm.md).
+
+1. reinforce — keep training the baseline on the target: the tokens whose probability grows are the
+   target-specific ones.
+2. unlearn — fine-tune the baseline on the original tokens toward generic labels
+   `argmax(v_base − α·ReLU(v_reinf − v_base))`, which labelers (this method's teachers: the frozen baseline
+   on anchor-translated text and the reinforced model on the original) stream while it trains; the weights
+   of the lowest validation loss on the generic labels are kept.
+`obliviate labels` exports every block's labels to RUN/labels for inspection (unlearn makes its own).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from configs import RunConfig
+from configs.errors import UserError
+from engine.data.anchors import load_anchors
+from engine.methods.base import Phase, RunInputs
+from engine.methods.generic_labels import LabelerSpec, build_labels
+from engine.models import check_model_dir, check_same_tokenizer, load_model, load_tokenizer
+from engine.training.job import PhaseResult
+from engine.training.objectives import NEXT_TOKEN
+
+log = logging.getLogger("obliviate")
+
+
+class WHP:
+    name: ClassVar[str] = "whp"
+    outputs: ClassVar[dict[str, str]] = {"reinforce": "reinforced", "labels": "labels"}
+    exports: ClassVar[tuple[str, ...]] = ("labels",)
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.anchors: dict[str, list[str]] = {}
+        self.reinforced: Path | None = Path(cfg.reinforced).expanduser() if cfg.reinforced else None
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return ("unlearn",) if self.cfg.reinforced else ("reinforce", "unlearn")
+
+    def prepare(self, todo: list[str], inputs: RunInputs) -> None:
+        if not {"labels", "unlearn"} & set(todo):
+            return
+        if not self.cfg.anchors:
+            raise UserError("no anchor dictionary given (use --anchors or set it in the config)")
+        anchors = load_anchors(self.cfg.anchors)
+        for key, reason in anchors.dropped:
+            log.info("anchor %r dropped: %s", key, reason)
+        self.anchors = anchors.terms
+        if "reinforce" not in todo:
+            self.reinforced = check_model_dir(self.reinforced or inputs.outputs["reinforce"], "reinforced")
+            check_same_tokenizer(inputs.tokenizer, load_tokenizer(self.reinforced, "reinforced"), ("baseline", "reinforced"))
+
+    def phase(self, name: str, inputs: RunInputs) -> Phase:
+        if name == "reinforce":
+            return Phase("reinforce", inputs.baseline, self.cfg.reinforce, NEXT_TOKEN)
+        labeler = LabelerSpec(inputs.baseline, self._reinforced(inputs), inputs.forget_blocks, self.anchors, self.cfg.labels)
+        return Phase("unlearn", inputs.baseline, self.cfg.unlearn, NEXT_TOKEN, teacher=labeler, keep_best=True)
+
+    def _reinforced(self, inputs: RunInputs) -> Path:
+        return self.reinforced or inputs.outputs["reinforce"]
+
+    def export(self, name: str, inputs: RunInputs, staging: Path, device: torch.device) -> None:
+        baseline = load_model(inputs.baseline, "baseline", device).eval()
+        reinforced = load_model(self._reinforced(inputs), "reinforced", device).eval()
+        labels = build_labels(baseline, reinforced, inputs.tokenizer, inputs.forget_blocks, self.anchors, self.cfg.labels)
+        labels.save(staging)
+        log.info("labels: %s", labels.stats)
+
+    def summary(self, result: PhaseResult) -> dict:
+        fit = result.fit
+        log.info("unlearn: best validation loss %.4f at step %d of %d", fit.best_val_loss, fit.best_step, fit.steps)
+        return {
+            "method": self.name,
+            "alpha": self.cfg.labels.alpha,
+            "forbid_anchor_keys": self.cfg.labels.forbid_anchor_keys,
+            "best_step": fit.best_step,
+            "steps": fit.steps,
+            "train_seconds": fit.seconds,
+            "best_val_loss": fit.best_val_loss,
+            "label_stats": result.teacher_stats,
+            "workers": self.cfg.engine.workers,
+            "throughput": result.throughput,
+        }
+
+    @staticmethod
+    def describe(name: str, s: dict) -> str:
+        changed = (s["label_stats"] or {}).get("changed_fraction", {})
+        speed = s.get("throughput", {})
+        engine = f"{s['workers']} DeepSpeed ZeRO-3 worker(s)" if s.get("workers") else "in-process"
+        return (
+            f"{name}: α = {s['alpha']:g}, anchor keys forbidden: {s['forbid_anchor_keys']}; kept step {s['best_step']} of {s['steps']} "
+            f"(validation loss on generic labels {s['best_val_loss']:.4f}); {(s['label_stats'] or {}).get('blocks')} blocks, "
+            f"labels differing from the original next token per α: {changed}; trained {engine} at "
+            f"{speed.get('tokens_per_s', 0):.0f} tokens/s, waiting for labels {100 * speed.get('label_wait_fraction', 0):.1f}% of the time"
+        )

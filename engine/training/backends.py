@@ -1,0 +1,122 @@
+"""Training backends: one optimizer update over a rank's micro-batches, behind the protocol the loop uses.
+
+`TorchBackend` trains in this process; `engine.training.zero.DeepSpeedBackend` is the same step sharded by
+DeepSpeed ZeRO-3. Both minimize the phase's `Objective`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from configs import TrainConfig
+from engine.training.objectives import NEXT_TOKEN, Objective
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (input_ids [b, L], targets: one row per block, see objectives)
+
+
+@dataclass
+class StepStats:
+    loss: float  # the objective averaged over the whole optimizer step (all ranks)
+    grad_norm: float
+    tokens: int  # the objective's units over all ranks (trained tokens for the token-level objectives)
+
+
+class TrainBackend(Protocol):
+    """What the loop needs from an engine. One call of `train_step` is one optimizer update.
+
+    Every rank of a distributed backend runs `fit` and must make the same sequence of calls.
+    """
+
+    rank: int
+    world_size: int
+
+    def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepStats: ...
+
+    def eval_loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+        """(summed objective, its units) without gradients."""
+        ...
+
+    def save(self, path: Path) -> None:
+        """Write the current weights as a Hugging Face safetensors directory."""
+        ...
+
+    def save_state(self, directory: Path) -> None:
+        """Write this rank's weights and optimizer state into an existing directory (for resuming)."""
+        ...
+
+    def load_state(self, directory: Path) -> None: ...
+
+    def all_reduce(self, *values: float) -> list[float]:
+        """Sums over ranks."""
+        ...
+
+    def barrier(self) -> None: ...
+
+
+class TorchBackend:
+    """Single-process training: AdamW on fp32 master weights, bf16 autocast on GPU when asked."""
+
+    rank, world_size = 0, 1
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        save_fn: Callable[[torch.nn.Module, Path], None],
+        autocast_dtype: torch.dtype | None = None,
+        objective: Objective = NEXT_TOKEN,
+    ):
+        self.model, self.objective = model, objective
+        self.device = next(model.parameters()).device
+        self.cfg = cfg
+        self.save_fn = save_fn
+        self.autocast_dtype = autocast_dtype
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        enabled = self.autocast_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
+            return self.model(input_ids=input_ids.to(self.device)).logits
+
+    def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepStats:
+        self.model.train()
+        total_units = sum(self.objective.units(input_ids, targets) for input_ids, targets in micro_batches)
+        loss_sum = 0.0
+        for input_ids, targets in micro_batches:
+            loss = self.objective.loss_sum(self._logits(input_ids), input_ids.to(self.device), targets.to(self.device))
+            (loss / max(total_units, 1)).backward()
+            loss_sum += float(loss.detach())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepStats(loss=loss_sum / max(total_units, 1), grad_norm=float(grad_norm), tokens=total_units)
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+        self.model.eval()
+        loss = self.objective.loss_sum(self._logits(input_ids), input_ids.to(self.device), targets.to(self.device))
+        return float(loss), self.objective.units(input_ids, targets)
+
+    def save(self, path: Path) -> None:
+        self.save_fn(self.model, path)
+
+    def save_state(self, directory: Path) -> None:
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, directory / "backend.pt")
+
+    def load_state(self, directory: Path) -> None:
+        state = torch.load(directory / "backend.pt", map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def all_reduce(self, *values: float) -> list[float]:
+        return list(values)
+
+    def barrier(self) -> None:
+        pass
