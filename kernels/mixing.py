@@ -1,4 +1,4 @@
-"""Dispatch of `generic_labels` to its implementations (see ../shared/design/kernel.md).
+"""Dispatch of `generic_labels` to its implementations (see docs/kernel.md).
 
 - `reference`: materialized fp32 logits (kernels/reference.py), the ground truth;
 - `chunked`: PyTorch over vocab chunks with running reductions (kernels/chunked.py), the CPU default;

@@ -1,6 +1,6 @@
 """Ground truth: materialized fp32 logits, plain PyTorch. Memory O(N·V); for tests and small runs.
 
-Semantics (../shared/design/kernel.md): b = hb·Wbᵀ, r = hr·Wrᵀ in fp32; for each valid (≥ 0) forbidden id
+Semantics (docs/kernel.md): b = hb·Wbᵀ, r = hr·Wrᵀ in fp32; for each valid (≥ 0) forbidden id
 of a row, b is replaced by the mean of that row's ORIGINAL baseline logits; mixed = b − α·relu(r − b);
 label = first (smallest-id) argmax; stats are logsumexp and max of `mixed` per row and α.
 """

@@ -1,4 +1,4 @@
-"""Fused Triton kernel for generic-label mixing (../shared/design/kernel.md).
+"""Fused Triton kernel for generic-label mixing (docs/kernel.md).
 
 Grid: (token blocks × vocab splits), in grouped order (GROUP_N token blocks share each split's W tiles
 from L2, as in the Triton matmul tutorial). Each program sweeps its vocab split in BLOCK_V tiles: both

@@ -1,1 +1,1 @@
-"""The `obliviate` command line, and (in later issues) the Ray and SLURM glue."""
+"""The `obliviate` command line, SLURM submission and `plan`; the engine it drives lives in engine/."""

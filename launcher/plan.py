@@ -7,10 +7,10 @@ Estimates, before any GPU is rented; no weights are read (a model directory's co
 - **trainer model states**: DeepSpeed's own ZeRO-3 estimator (`estimate_zero3_model_states_mem_needs`,
   no offload, zero_init, buffer factor 1.5): 4·largest_layer + 18·params / ranks bytes per GPU.
   "Largest layer" is DeepSpeed's own notion (`model_to_params`: the module with the most parameters of
-  its own), for a Llama the embedding or LM-head matrix, vocab·hidden. That reproduces the design notes'
-  Llama-2-7B on 8 GPUs ≈ 14.6 GiB. The estimator's GPU figure depends on the number of ranks only, so it
-  is called with one GPU per "node" and `num_nodes` = ranks: its CPU figure is then per rank, and this
-  module multiplies it by the ranks on the busiest node.
+  its own), for a Llama the embedding or LM-head matrix, vocab·hidden. That reproduces the reference
+  figure in docs/engine.md, Llama-2-7B on 8 GPUs ≈ 14.6 GiB. The estimator's GPU figure depends on the
+  number of ranks only, so it is called with one GPU per "node" and `num_nodes` = ranks: its CPU figure
+  is then per rank, and this module multiplies it by the ranks on the busiest node.
 - **trainer activations** (per rank, no activation checkpointing, SDPA flash / memory-efficient
   attention, so no s² term): per token and per layer 20·h + 4·kv_dim + 8·I bytes in bf16, the tensors
   autograd keeps for a Hugging Face Llama decoder layer (counted with saved-tensor hooks; tests/test_plan.py

@@ -1,6 +1,6 @@
 """A real SLURM on this machine for tests: munged, slurmctld and two slurmd "nodes" (n1, n2) on loopback.
 
-Follows ../shared/recipes/slurm.md: Debian's packages (installed here with apt-get when missing and we are
+Follows docs/engine.md: Debian's packages (installed here with apt-get when missing and we are
 root), a slurm.conf outside /etc, daemons in the foreground started and stopped by their recorded PIDs
 (never by name), munged stopped only if we started it.
 

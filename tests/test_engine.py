@@ -119,6 +119,21 @@ def test_two_zero3_workers_and_two_labelers_train_like_one_process_with_twice_th
     torch.testing.assert_close(model(PROBE).logits, live[0], rtol=0, atol=1e-5)
 
 
+def test_gradient_ascent_on_two_zero3_workers_trains_like_one_process_with_twice_the_batch(world, cluster, tmp_path, capsys):
+    """A method with no teacher, through both runners untouched: the same equivalence as WHP's unlearn phase."""
+    ascent = ["method=ga", "unlearn.lr=3e-4", "unlearn.val_fraction=0"]
+    args = ["--baseline", world["baseline"], "--target", world["files"].saga]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    code, _, err = obliviate("unlearn", *args, "--out", reference, *COMMON, *REFERENCE, *ascent, capsys=capsys)
+    assert code == 0, err
+    code, _, err = obliviate("unlearn", *args, "--out", run, *COMMON, *ENGINE, *ascent, capsys=capsys)
+    assert code == 0, err
+    got, want = summary(run), summary(reference)
+    assert got["method"] == want["method"] == "ga" and got["workers"] == 2 and got["steps"] == want["steps"] == STEPS
+    assert got["final_loss"] == pytest.approx(want["final_loss"], rel=1e-5)
+    assert_same_weights(run, reference)
+
+
 def test_labelers_sharding_the_frozen_models_with_zero3_label_like_unsharded_ones(world, cluster, reference, tmp_path, capsys):
     # Two labelers form one ZeRO-3 group: each holds half of both frozen models, each labels its own blocks,
     # and every forward is collective, so a labeler with fewer blocks in a request runs padding forwards

@@ -1,4 +1,4 @@
-"""`launcher.plan`: model shapes and parameter counts, DeepSpeed's ZeRO-3 estimate pinned to the design notes,
+"""`launcher.plan`: model shapes and parameter counts, DeepSpeed's ZeRO-3 estimate pinned to published figures,
 the activation formula re-counted on a tiny Llama, plans that fit and do not, impossible plans (one line),
 and the per-size configs. CPU only, no weights beyond tiny random models: the file runs in seconds.
 """
@@ -110,7 +110,7 @@ def test_llama2_7b_model_states_on_8_gpus_pin_the_design_notes():
     _, gpu, _ = estimate_zero3_model_states_mem_needs(shape.params, shape.largest_layer_params, num_gpus_per_node=8, num_nodes=1,
                                                       cpu_offload=False, cpu_offload_params=False, zero_init=True, additional_buffer_factor=1.5)
     assert gpu_gib == pytest.approx(gpu / GIB)  # only the number of ranks matters for the GPU figure
-    # The design notes' other figures, same estimator.
+    # The other published figures (docs/engine.md), same estimator.
     assert zero3_states_gib(model_shape("llama2-13b"), 8)[0] == pytest.approx(27.9, abs=0.3)
     assert zero3_states_gib(model_shape("llama2-70b"), 32)[0] == pytest.approx(37.1, abs=0.3)
     assert 2 * shape.params / GIB == pytest.approx(12.6, abs=0.1)  # a frozen 7B in bf16

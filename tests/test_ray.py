@@ -154,3 +154,27 @@ def _alive(pids: list[int]) -> list[int]:
         except ProcessLookupError:
             pass
     return alive
+
+
+def _raise(error: BaseException) -> None:
+    raise error
+
+
+def test_a_stalled_queue_is_restartable_and_other_worker_errors_are_one_fatal_line(cluster):
+    """Failures other than a process death are sorted where the driver meets them: a stalled queue restarts
+    the phase like a lost worker; out of memory, a non-finite loss or a bug end the run naming the rank."""
+    from configs.errors import RunFailed
+    from engine.training.runners.groups import QueueStalled, WorkerLost
+
+    with TrainerGroup(1) as group:
+        with pytest.raises(WorkerLost, match=r"^trainer rank 0 \(pid \d+\): no targets from teacher 0 within 1 s"):
+            group.run(_raise, QueueStalled("no targets from teacher 0 within 1 s"), timeout=30)
+    for error, message in [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail"), r"failed during run _raise: OutOfMemoryError: CUDA out of memory\. Tried to allocate 2\.00 GiB$"),
+        (RunFailed("unlearn: the loss became nan at step 3"), r"failed during run _raise: unlearn: the loss became nan at step 3$"),
+        (KeyError("x"), r"failed during run _raise: KeyError: 'x'$"),
+    ]:
+        with TrainerGroup(1) as group:
+            with pytest.raises(RunFailed, match=r"^trainer rank 0 \(pid \d+\) " + message) as caught:
+                group.run(_raise, error, timeout=30)
+            assert not isinstance(caught.value, WorkerLost) and "\n" not in str(caught.value)

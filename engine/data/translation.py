@@ -101,15 +101,7 @@ def translate_block(
 
     # Rule-ignored positions first; everything else is looked up and counted when it has no counterpart.
     position_map = [-1] * len(block.input_ids)
-    ignored, anchor_last = set(), {}
-    seen_keys = set()
-    for replacement in replacements:
-        ignored.update(range(replacement.first_token, replacement.last_token))
-        anchor_last[replacement.last_token] = replacement
-        if replacement.key in seen_keys and replacement.first_token > 0:
-            ignored.add(replacement.first_token - 1)
-        seen_keys.add(replacement.key)
-
+    ignored, anchor_last = _ignored_positions(replacements)
     unaligned, same_span_seen = 0, defaultdict(int)
     for index, (start, end) in enumerate(spans):
         if index in ignored:
@@ -138,6 +130,19 @@ def translate_block(
         matched=len(replacements),
         translated_text=translated_text,
     )
+
+
+def _ignored_positions(replacements: list[_Replacement]) -> tuple[set[int], dict[int, _Replacement]]:
+    """Original positions inside a translated anchor (and just before a repeated one) are not trained; an
+    anchor's last token maps to the translation's last token."""
+    ignored, anchor_last, seen_keys = set(), {}, set()
+    for replacement in replacements:
+        ignored.update(range(replacement.first_token, replacement.last_token))
+        anchor_last[replacement.last_token] = replacement
+        if replacement.key in seen_keys and replacement.first_token > 0:
+            ignored.add(replacement.first_token - 1)
+        seen_keys.add(replacement.key)
+    return ignored, anchor_last
 
 
 def _forbidden_rows(tokenizer, translated_ids, translated_spans, replacements, always_forbidden_keys):

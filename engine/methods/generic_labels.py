@@ -170,7 +170,7 @@ class LabelerSpec:
 
 class GenericLabeler:
     """Generic labels on demand for any blocks of the corpus, as the trainer asks for them: the unlearn
-    phase's `LabelSource`, in process or inside a labeler actor.
+    phase's `Teacher`, in process or inside a teacher actor.
 
     Each block is labeled once (the frozen models are deterministic); later epochs reuse the labels kept
     in memory: a few bytes per token, never logits.

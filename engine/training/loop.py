@@ -158,6 +158,7 @@ def fit(
         lr = lr_at(step, total_steps, cfg)
         stats = backend.train_step(micro, lr)
         if not math.isfinite(stats.loss):  # the same all-reduced loss on every rank: all of them stop here
+            bar.close()
             raise RunFailed(f"{desc}: the loss became {stats.loss} at step {step + 1} (lower the learning rate, check the data)")
         result.losses.append(stats.loss)
         result.steps, result.tokens = step + 1, result.tokens + stats.tokens

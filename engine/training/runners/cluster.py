@@ -1,6 +1,6 @@
 """Connect the driver to a Ray cluster: a given address, `RAY_ADDRESS`, or a local one started for the run.
 
-A Ray cluster runs whatever code its clients send (design notes, Security), so a cluster we start binds to
+A Ray cluster runs whatever code its clients send (docs/engine.md, Security), so a cluster we start binds to
 loopback only, with the dashboard off unless asked for (and then on loopback too).
 """
 
@@ -45,9 +45,9 @@ def _loopback_env() -> Iterator[None]:
     while we are connected.
 
     Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER into a module constant at import; with it off, Ray takes
-    loopback as the node address instead of the outward interface (cpu-stack recipe). Token auth would
-    write ~/.ray/auth_token; a loopback cluster for one run does not need it (RAY_AUTH_MODE set by the
-    user wins).
+    loopback as the node address instead of the outward interface (docs/engine.md, CPU notes). Token
+    auth would write ~/.ray/auth_token; a loopback cluster for one run does not need it (RAY_AUTH_MODE
+    set by the user wins).
     """
     saved_env = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE")}
     saved_flag = ray_constants.ENABLE_RAY_CLUSTER

@@ -1,4 +1,4 @@
-"""A group of Ray actors that form one torch.distributed group (the OpenRLHF pattern in the design notes).
+"""A group of Ray actors that form one torch.distributed group (the OpenRLHF pattern, docs/engine.md).
 
 Each actor gets the torchrun-style env that `engine.training.zero.ensure_distributed` joins from, so the same
 training code runs under Ray as under torchrun or the tests' subprocess launcher.
@@ -118,7 +118,7 @@ class TrainerGroup:
     MASTER_ADDR/MASTER_PORT set; use as a context manager so no actor outlives the group.
 
     On GPU each actor sees only its own GPUs (CUDA_VISIBLE_DEVICES narrowed to Ray's ids: actors
-    otherwise can all land on GPU 0, design notes "What bites" 4), so LOCAL_RANK is 0 — the index of its
+    otherwise can all land on GPU 0, docs/engine.md "Pitfalls"), so LOCAL_RANK is 0 — the index of its
     device — as in OpenRLHF, and DeepSpeed's `set_device(LOCAL_RANK)` picks the right one. On CPU
     LOCAL_RANK is the rank among the group's workers on the same node, DS_ACCELERATOR=cpu and
     OMP_NUM_THREADS=cpus_per_worker.
