@@ -1,0 +1,1 @@
+"""Inputs: corpora cut into blocks, anchor dictionaries and their translation, label-set files, the tiny world."""
