@@ -20,7 +20,7 @@ from configs.errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parent
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """One fine-tuning phase (pretrain, reinforce, unlearn). Steps count optimizer updates."""
 
@@ -48,7 +48,7 @@ class TrainConfig:
             raise UserError(f"{name}.val_fraction must be in [0, 1), got {self.val_fraction}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LabelConfig:
     """Generic-label generation (docs/algorithm.md)."""
 
@@ -79,7 +79,7 @@ class LabelConfig:
             raise UserError(f"labels.impl must be auto, reference, chunked or triton, got {self.impl!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Shape of the tiny Llama the demo pretrains (ignored when a baseline is given)."""
 
@@ -91,7 +91,7 @@ class ModelConfig:
     max_position_embeddings: int = 512
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorldConfig:
     """The tiny world: generated corpora, SentencePiece tokenizer, baseline and oracle models."""
 
@@ -119,7 +119,7 @@ PAPER_ACCURACY = {
 PAPER_TASKS = tuple(PAPER_ACCURACY)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     """The evaluation suite (`obliviate eval --suite FILE` loads a YAML of these fields); "" / [] skips a part."""
 
@@ -166,7 +166,7 @@ class EvalConfig:
             raise UserError(f"eval.top_p must be in (0, 1], got {self.top_p}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
     """Where and how training runs: Ray workers with DeepSpeed ZeRO-3, or this process (workers: 0)."""
 
@@ -195,10 +195,11 @@ class EngineConfig:
             raise UserError("engine.labeler_shards > 1 needs the Ray engine (engine.workers >= 1): sharded labelers are separate processes")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     out: str = MISSING  # run directory
     method: str = "whp"  # the unlearning method (engine/methods/): whp | ga
+    sized_for: str = ""  # the Llama shape a ready-made config is sized for (kernels/device.py LLAMAS): what `plan` counts without a baseline
     baseline: str = ""  # Hugging Face causal-LM directory ("" in the demo: the world builds it)
     target: str = ""  # target corpus: .txt, .jsonl/.json with a "text" field, or a folder of those
     anchors: str = ""  # anchor dictionary, YAML or JSON: term -> [generic translations]
@@ -231,11 +232,14 @@ def _positive(name: str, value: float) -> None:
         raise UserError(f"{name} must be > 0, got {value}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), suite: str | Path | None = None, **fields: str) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] = (), suite: str | Path | None = None, not_required: tuple[str, ...] = (), **fields: str
+) -> RunConfig:
     """Merge defaults ← YAML file ← suite YAML (the `eval` section) ← dotted overrides ← non-empty plain-flag
-    fields; validate."""
+    fields; validate. The result is immutable: a command that needs a variant asks `derive`. Keys the file
+    marks `???` must be given, except those in `not_required` (`plan` needs no baseline directory)."""
     try:
-        cfg = OmegaConf.structured(RunConfig)
+        cfg = _writable(OmegaConf.structured(RunConfig))
         if path is not None:
             path = Path(path)
             if not path.is_file():
@@ -243,7 +247,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), suite
             file_cfg = OmegaConf.load(path)
             cfg = OmegaConf.merge(cfg, file_cfg)
             for key in _required_by(file_cfg):  # "???" in the file: the user must give it (merge keeps the default)
-                OmegaConf.update(cfg, key, "???")
+                if key not in not_required:
+                    OmegaConf.update(cfg, key, "???")
         if suite:
             cfg = OmegaConf.merge(cfg, {"eval": _suite(Path(suite))})
         if overrides:
@@ -261,6 +266,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), suite
         raise UserError(f"bad config: {_first_line(e)}") from None
     run.validate()
     return run
+
+
+def _writable(node: DictConfig) -> DictConfig:
+    """The merge tree of the frozen dataclasses, writable while it is built (`to_object` freezes it again)."""
+    OmegaConf.set_readonly(node, False)
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            _writable(child)
+    return node
+
+
+def derive(cfg: RunConfig, **changes: object) -> RunConfig:
+    """A validated copy of `cfg` with dotted keys changed (`derive(cfg, **{"unlearn.max_steps": 20})`): the one
+    way a command makes a variant of a resolved config (the demo's second run, a benchmark's worker counts)."""
+    merged = _writable(OmegaConf.structured(cfg))
+    for key, value in changes.items():
+        OmegaConf.update(merged, key, value, merge=False)
+    derived: RunConfig = OmegaConf.to_object(merged)
+    derived.validate()
+    return derived
 
 
 def _required_by(file_cfg) -> list[str]:

@@ -25,7 +25,7 @@ from transformers import AutoConfig
 
 from configs import RunConfig, save_config
 from configs.errors import UserError
-from engine.data.anchors import load_anchors
+from engine.data.anchors import Anchors, load_anchors
 from engine.data.corpus import make_blocks, read_corpus
 from engine.evaluation.report import format_table, write_report
 from engine.evaluation.suite import Suite, compare_to_oracle, evaluate_model, load_suite
@@ -116,9 +116,10 @@ def all_phases(cfg: RunConfig) -> list[str]:
     return [*method_class(cfg.method)(cfg).phases, "eval"]
 
 
-def anchor_terms(path: str) -> list[str]:
+def anchor_terms(anchors: Anchors | None) -> list[str]:
     """Every surface term of the dictionary (dropped keys included): what a completion may reveal."""
-    anchors = load_anchors(path)
+    if anchors is None:
+        return []
     return sorted(set(anchors.terms) | {key for key, _ in anchors.dropped})
 
 
@@ -158,7 +159,7 @@ def check_inputs(cfg: RunConfig, run: RunDir, method: Method, todo: list[str]) -
         blocks = make_blocks(read_corpus(target), tokenizer, cfg.labels.context_length, name=f"target corpus {target}")
     elif cfg.baseline:  # evaluation compares against it
         baseline = check_model_dir(cfg.baseline, "baseline")
-    inputs = RunInputs(baseline, tokenizer, blocks, run.outputs)
+    inputs = RunInputs(baseline, tokenizer, blocks, run.outputs, load_anchors(cfg.anchors) if cfg.anchors else None)
     method.prepare(todo, inputs)
     suite = None
     if "eval" in todo:
@@ -220,21 +221,22 @@ def describe(name: str, summary: dict) -> str:
     return METHODS[summary.get("method", "whp")].describe(name, summary)
 
 
-def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch.device, title: str, suite: Suite) -> dict:
-    """The evaluation suite for each model, then each against the oracle; the report."""
-    terms = anchor_terms(cfg.anchors) if cfg.anchors else []
+def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch.device, title: str, checked: Checked, made: dict[str, dict]) -> dict:
+    """The evaluation suite for each model, then each against the oracle; the report. `made`: the summaries
+    of models this process trained (in memory); those of models made earlier are read from their directories."""
+    terms = anchor_terms(checked.inputs.anchors)
     results = {}
     for name, path in models.items():
         log.info("evaluating %s (%s)", name, path)
         model = load_model(path, name, device, torch_dtype(cfg.dtype, device)).eval()
-        results[name] = evaluate_model(model, load_tokenizer(path, name), cfg.eval, terms, suite)
+        results[name] = evaluate_model(model, load_tokenizer(path, name), cfg.eval, terms, checked.suite)
     compare_to_oracle(results)
     with SummaryWriter(str(run.root / "tb" / "eval")) as writer:
         for name, result in results.items():
             for metric, value in result.items():
                 if isinstance(value, (int, float)):
                     writer.add_scalar(f"{name}/{metric}", value, 0)
-    summaries = {name: json.loads((Path(path) / TRAINING_SUMMARY).read_text()) for name, path in models.items() if (Path(path) / TRAINING_SUMMARY).is_file()}
+    summaries = {name: made.get(name) or json.loads((Path(path) / TRAINING_SUMMARY).read_text()) for name, path in models.items() if name in made or (Path(path) / TRAINING_SUMMARY).is_file()}
     notes = [describe(name, summary) for name, summary in summaries.items() if name != "baseline"]
     write_report(run.root, results, title=title, notes=notes, extra={"training": summaries})
     print(format_table(results))
@@ -242,9 +244,10 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
     return results
 
 
-def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_models: dict[str, Path] | None = None, title: str = "obliviate run", runner: Runner | None = None, resume: bool = False) -> RunResult:
+def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_models: dict[str, Path] | None = None, title: str = "obliviate run", runner: Runner | None = None, resume: bool = False, made: dict[str, dict | None] | None = None) -> RunResult:
     """Run the given phases in order with `runner` (default: in this process); `eval_models` overrides which
-    models the eval phase compares. With `resume`, finished phases are kept and an interrupted one continues."""
+    models the eval phase compares, `made` hands it the summaries of those an earlier call trained. With
+    `resume`, finished phases are kept and an interrupted one continues."""
     method = method_class(cfg.method)(cfg)
     known = {*method.outputs, "unlearn", "eval"}
     for phase in phases:
@@ -270,5 +273,6 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
             models = dict(eval_models or {"baseline": checked.inputs.baseline, "unlearned": directory.outputs["unlearn"]})
             if cfg.oracle and "oracle" not in models:
                 models["oracle"] = Path(cfg.oracle).expanduser()
-            result.metrics = evaluate(cfg, directory, models, device, title, checked.suite)
+            made = {**(made or {}), **({"unlearned": result.summary} if result.summary and not eval_models else {})}
+            result.metrics = evaluate(cfg, directory, models, device, title, checked, {name: s for name, s in made.items() if s})
     return result

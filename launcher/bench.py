@@ -8,7 +8,6 @@ model FLOPs utilization 6·params·tokens/s over the devices' dense bf16 peak.
 
 from __future__ import annotations
 
-import copy
 import csv
 import math
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from configs import RunConfig
+from configs import RunConfig, derive
 from engine import recipe
 from kernels.device import peak_tflops
 
@@ -40,8 +39,7 @@ def bench_train(cfg: RunConfig, workers: list[int], out: Path, runner_for) -> li
     peak = peak_tflops(torch.device("cuda"), "bf16", None) if on_gpu else None
     rows = []
     for n in workers:
-        run_cfg = copy.deepcopy(cfg)
-        run_cfg.engine.workers, run_cfg.out = n, str(out / f"workers-{n}")
+        run_cfg = derive(cfg, out=str(out / f"workers-{n}"), **{"engine.workers": n})
         start = time.perf_counter()
         with runner_for(run_cfg) as runner:
             summary = recipe.run(run_cfg, ["unlearn"], True, "bench-train", runner=runner).summary

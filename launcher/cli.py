@@ -15,7 +15,6 @@ or SIGTERM with a checkpoint and exit code 128 + signal (continue with `--resume
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from configs import CONFIG_DIR, RunConfig, load_config
+from configs import CONFIG_DIR, RunConfig, derive, load_config
 from configs.errors import Interrupted, RunFailed, UserError
 
 
@@ -102,20 +101,18 @@ def demo(args, overwrite, resume, **flags):
 
     cfg = _config(args, CONFIG_DIR / "demo.yaml", **flags)
     root = Path(cfg.out).expanduser()
-    variant = copy.deepcopy(cfg)
-    variant.out, variant.reinforced = str(root / "variant-forbid-anchor-keys"), str(root / "reinforced")
-    variant.labels.forbid_anchor_keys = not cfg.labels.forbid_anchor_keys
+    variant = derive(cfg, out=str(root / "variant-forbid-anchor-keys"), reinforced=str(root / "reinforced"), **{"labels.forbid_anchor_keys": not cfg.labels.forbid_anchor_keys})
     recipe.run_dir(cfg).claim(recipe.all_phases(cfg), overwrite, resume)  # refuse a finished run before building anything
     recipe.run_dir(variant).claim(["unlearn"], overwrite, resume)
     world = build_world(cfg.world)
-    use_world(cfg, world)
-    use_world(variant, world)
+    cfg, variant = use_world(cfg, world), use_world(variant, world)
     with _runner(cfg) as runner:
-        recipe.run(cfg, ["reinforce", "unlearn"], overwrite, "demo", runner=runner, resume=resume)
-        recipe.run(variant, ["unlearn"], overwrite, "demo (variant)", runner=runner, resume=resume)
-    variant_name = "forbid-keys" if variant.labels.forbid_anchor_keys else "faithful"
-    models = {"baseline": Path(cfg.baseline), "unlearned": root / "unlearned", f"unlearned ({variant_name})": Path(variant.out) / "unlearned"}
-    recipe.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga", resume=resume)
+        faithful = recipe.run(cfg, ["reinforce", "unlearn"], overwrite, "demo", runner=runner, resume=resume)
+        other = recipe.run(variant, ["unlearn"], overwrite, "demo (variant)", runner=runner, resume=resume)
+    variant_name = f"unlearned ({'forbid-keys' if variant.labels.forbid_anchor_keys else 'faithful'})"
+    models = {"baseline": Path(cfg.baseline), "unlearned": root / "unlearned", variant_name: Path(variant.out) / "unlearned"}
+    made = {"unlearned": faithful.summary, variant_name: other.summary}
+    recipe.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga", resume=resume, made=made)
 
 
 @cli.command(name="run")
@@ -220,11 +217,11 @@ def bench_train(args, worker_counts, steps, out, **flags):
     if not counts or min(counts) < 0:
         raise UserError(f"--workers {worker_counts!r}: worker counts must be >= 0")
     cfg = _config(args, CONFIG_DIR / "demo.yaml", out=out, **flags)
-    cfg.unlearn.max_steps, cfg.unlearn.val_fraction, cfg.unlearn.epochs = steps, 0.0, 1e6
+    cfg = derive(cfg, **{"unlearn.max_steps": steps, "unlearn.val_fraction": 0.0, "unlearn.epochs": 1e6})
     if not cfg.baseline:
-        use_world(cfg, build_world(cfg.world))
-    cfg.reinforced = cfg.reinforced or cfg.baseline
-    rows = run_bench(cfg, counts, Path(out), _trainer)
+        cfg = use_world(cfg, build_world(cfg.world))
+    cfg = derive(cfg, reinforced=cfg.reinforced or cfg.baseline)
+    rows = run_bench(cfg, counts, Path(out), _runner)
     click.echo(format_rows(rows))
     write_csv(rows, Path(out) / "bench.csv")
     click.echo(f"\nwrote {Path(out) / 'bench.csv'}")

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from configs import RunConfig, load_config
 from configs.errors import UserError, first_line
@@ -355,19 +354,10 @@ def _nodes(n: int) -> str:
 def main_plan(config_path: str | Path, nodes: int, gpus_per_node: int, gpu_mem_gib: float, overrides: list[str] = ()) -> str:
     """`obliviate plan CONFIG --nodes N --gpus-per-node G --gpu-mem GIB [KEY=VALUE]...`: the formatted plan.
 
-    `out` is not needed to plan (a placeholder fills it). When the config leaves `baseline` unset and is
-    named after a built-in shape (configs/llama2-7b.yaml), that shape is planned; baseline=DIR overrides.
+    Neither `out` nor a baseline directory is needed to plan: without `baseline`, the shape the config is
+    `sized_for` (configs/llama2-7b.yaml: llama2-7b) is planned; baseline=DIR reads that model's config.json.
     """
-    overrides = list(overrides)
-    path = Path(config_path)
     given = {item.split("=", 1)[0].strip() for item in overrides}
-    extra = [] if "out" in given else ["out=plan"]
-    if "baseline" not in given and path.stem.lower() in LLAMAS and path.is_file():
-        try:
-            raw = OmegaConf.load(path)
-        except Exception:  # noqa: BLE001 - load_config below reports a bad file in one line
-            raw = None
-        if isinstance(raw, DictConfig) and ("baseline" not in raw or not raw["baseline"]):  # `???` reads as absent
-            extra.append(f"baseline={path.stem.lower()}")
-    cfg = load_config(path, extra + overrides)
-    return format_plan(plan(cfg, model_shape(cfg.baseline), nodes, gpus_per_node, gpu_mem_gib))
+    placeholder = [] if "out" in given else ["out=plan"]
+    cfg = load_config(config_path, [*placeholder, *overrides], not_required=("baseline",))
+    return format_plan(plan(cfg, model_shape(cfg.baseline or cfg.sized_for), nodes, gpus_per_node, gpu_mem_gib))

@@ -3,6 +3,7 @@
 Also the happy path of the phase commands chaining through a run directory, and --overwrite.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -19,10 +20,13 @@ from builders import assert_one_line_error, obliviate
 TINY = ["engine.workers=0", "reinforce.max_steps=1", "reinforce.micro_batch_size=2", "reinforce.grad_accum=1", "labels.context_length=32", "unlearn.max_steps=2", "unlearn.micro_batch_size=2", "unlearn.grad_accum=1"]
 
 
+def derive_world(**model: int) -> WorldConfig:
+    return dataclasses.replace(WorldConfig(), model=dataclasses.replace(WorldConfig().model, **model))
+
+
 def make_model_dir(root: Path, texts: list[Path], vocab_size: int) -> Path:
     tokenizer = train_tokenizer(texts, vocab_size, root / "tokenizer")
-    cfg = WorldConfig()
-    cfg.model.hidden_size, cfg.model.intermediate_size, cfg.model.num_layers, cfg.model.num_heads = 32, 64, 1, 2
+    cfg = derive_world(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
     save_model(tiny_llama(cfg, len(tokenizer)), tokenizer, root / "model")
     return root / "model"
 
@@ -291,3 +295,15 @@ def test_submit_dry_run_renders_a_valid_script_bound_to_no_public_address(tmp_pa
     assert code == 2 and "obliviate: error:" in err and "Traceback" not in err  # 4 ranks + 4 labelers need 8 GPUs
     code, _, err = obliviate(*argv[:-2], "--nodes", "1", "--gpus-per-node", "8", "--dry-run", capsys=capsys)
     assert_one_line_error(code, err, "no value for out: pass --out")  # the job script and its logs go to the run directory
+
+
+def test_bench_train_writes_a_row_per_worker_count(world, tmp_path, capsys):
+    out = tmp_path / "bench"
+    files = world["files"]
+    code, stdout, err = obliviate(
+        "bench-train", "--workers", "0", "--steps", "2", "--out", out, "--baseline", world["baseline"], "--target", files.saga,
+        "--anchors", files.anchors, "labels.context_length=32", "unlearn.micro_batch_size=2", "unlearn.grad_accum=1", capsys=capsys,
+    )
+    assert code == 0, err
+    rows = (out / "bench.csv").read_text().splitlines()
+    assert rows[0].startswith("workers,") and rows[1].startswith("0,2,"), rows

@@ -1,5 +1,6 @@
 """Evaluation metrics on models whose next-token distribution is set by hand, so answers are known."""
 
+import dataclasses
 import json
 import math
 
@@ -242,9 +243,8 @@ def test_evaluate_model_runs_each_metric_and_skips_empty_files(tokenizer, tmp_pa
     assert 0.0 < result["probability_familiarity"] < 1.0
     assert result["completion_familiarity"] is None
     assert result["details"]["completion_familiarity"] == "skipped"
-    cfg.completions = str(tmp_path / "missing.json")
     with pytest.raises(UserError, match="not found"):
-        evaluate_model(model, tokenizer, cfg, saga_terms=[])
+        evaluate_model(model, tokenizer, dataclasses.replace(cfg, completions=str(tmp_path / "missing.json")), saga_terms=[])
 
 
 def test_memorization_membership_and_oracle_closeness_join_the_results(tokenizer, tmp_path):

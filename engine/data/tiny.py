@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from functools import reduce
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import sentencepiece as spm
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-from configs import WorldConfig
+from configs import RunConfig, WorldConfig, derive
 from engine.data.corpus import make_blocks
 from engine.models import save_model
 from engine.training.backends import TorchBackend
@@ -122,19 +123,17 @@ def pretrain(name: str, documents: list[str], tokenizer, cfg: WorldConfig, out_d
     fit(backend, input_ids, input_ids, cfg.pretrain, save_to=out_dir, keep_best=False, desc=f"pretrain {name}")
 
 
-def use_world(cfg, world: World) -> None:
-    """Point a run config at the world's models and files, where the config leaves them empty."""
-    wiring = [
-        (cfg, "baseline", world.baseline),
-        (cfg, "oracle", world.oracle),
-        (cfg, "target", world.files.saga),
-        (cfg, "anchors", world.files.anchors),
-        (cfg.eval, "probes", world.files.probes),
-        (cfg.eval, "completions", world.files.completions),
-        (cfg.eval, "general_text", world.files.general_heldout),
-        (cfg.eval, "forget_set", world.files.saga),
-        (cfg.eval, "holdout_set", world.files.saga_heldout),
-    ]
-    for section, key, path in wiring:
-        if not getattr(section, key):
-            setattr(section, key, str(path))
+def use_world(cfg: RunConfig, world: World) -> RunConfig:
+    """The run config pointed at the world's models and files where it leaves them empty."""
+    wiring = {
+        "baseline": world.baseline,
+        "oracle": world.oracle,
+        "target": world.files.saga,
+        "anchors": world.files.anchors,
+        "eval.probes": world.files.probes,
+        "eval.completions": world.files.completions,
+        "eval.general_text": world.files.general_heldout,
+        "eval.forget_set": world.files.saga,
+        "eval.holdout_set": world.files.saga_heldout,
+    }
+    return derive(cfg, **{key: str(path) for key, path in wiring.items() if not reduce(getattr, key.split("."), cfg)})

@@ -17,6 +17,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from configs import RunConfig, TrainConfig
+from engine.data.anchors import Anchors
 from engine.data.corpus import Block
 from engine.training.job import PhaseResult, TeacherSpec
 from engine.training.objectives import Objective
@@ -42,6 +43,7 @@ class RunInputs:
     tokenizer: object
     forget_blocks: list[Block]  # the target corpus cut into blocks: what the run makes the model forget
     outputs: dict[str, Path]  # each phase's output in the run directory
+    anchors: Anchors | None  # the anchor dictionary, when the config names one (WHP needs it; evaluation reads its terms)
 
     def forget_ids(self) -> torch.Tensor:
         return torch.tensor([block.input_ids for block in self.forget_blocks])

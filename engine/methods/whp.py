@@ -19,7 +19,6 @@ import torch
 
 from configs import RunConfig
 from configs.errors import UserError
-from engine.data.anchors import load_anchors
 from engine.methods.base import Phase, RunInputs
 from engine.methods.generic_labels import LabelerSpec, build_labels
 from engine.models import check_model_dir, check_same_tokenizer, load_model, load_tokenizer
@@ -46,12 +45,11 @@ class WHP:
     def prepare(self, todo: list[str], inputs: RunInputs) -> None:
         if not {"labels", "unlearn"} & set(todo):
             return
-        if not self.cfg.anchors:
+        if inputs.anchors is None:
             raise UserError("no anchor dictionary given (use --anchors or set it in the config)")
-        anchors = load_anchors(self.cfg.anchors)
-        for key, reason in anchors.dropped:
+        for key, reason in inputs.anchors.dropped:
             log.info("anchor %r dropped: %s", key, reason)
-        self.anchors = anchors.terms
+        self.anchors = inputs.anchors.terms
         if "reinforce" not in todo:
             self.reinforced = check_model_dir(self.reinforced or inputs.outputs["reinforce"], "reinforced")
             check_same_tokenizer(inputs.tokenizer, load_tokenizer(self.reinforced, "reinforced"), ("baseline", "reinforced"))
