@@ -30,7 +30,7 @@ from engine.data.corpus import make_blocks, read_corpus
 from engine.evaluation.report import format_table, write_report
 from engine.evaluation.suite import Suite, compare_to_oracle, evaluate_model, load_suite
 from engine.methods import METHODS, method_class
-from engine.methods.base import Method, RunInputs
+from engine.methods.base import Method, RunInputs, TrainingSummary
 from engine.models import check_model_dir, load_model, load_tokenizer, pick_device, torch_dtype
 from engine.training.job import PhaseResult, Runner, TrainJob
 from engine.training.runners.local import LocalRunner
@@ -134,7 +134,7 @@ class RunResult:
     """What a command produced, handed on in memory (metrics.json and the summaries are written from it)."""
 
     phases: dict[str, PhaseResult]  # each training phase run by this command
-    summary: dict | None  # what was recorded beside RUN/unlearned, when this command made it
+    summary: TrainingSummary | None  # what was recorded beside RUN/unlearned, when this command made it
     metrics: dict[str, dict] | None  # per evaluated model, when this command evaluated
 
 
@@ -183,9 +183,9 @@ def _deepspeed_json(path: str) -> dict:
     return config
 
 
-def train_phase(cfg: RunConfig, run: RunDir, method: Method, name: str, checked: Checked, runner: Runner, resume: bool) -> PhaseResult:
+def train_phase(cfg: RunConfig, run: RunDir, method: Method, name: str, checked: Checked, runner: Runner, resume: bool) -> tuple[PhaseResult, TrainingSummary | None]:
     """One training phase of the method on the runner; its model is published atomically (RUN/unlearned with
-    the method's summary)."""
+    the method's summary, which is returned too)."""
     phase = method.phase(name, checked.inputs)
     if not resume:
         shutil.rmtree(run.checkpoints(name), ignore_errors=True)  # an earlier crash's, now stale
@@ -206,14 +206,15 @@ def train_phase(cfg: RunConfig, run: RunDir, method: Method, name: str, checked:
         deepspeed=checked.deepspeed,
     )
     result = runner.train(job, resume)
-    if name == "unlearn":
-        (job.save_to / TRAINING_SUMMARY).write_text(json.dumps(method.summary(result), indent=2) + "\n")
+    summary = method.summary(result) if name == "unlearn" else None
+    if summary is not None:
+        (job.save_to / TRAINING_SUMMARY).write_text(json.dumps(summary.as_json(), indent=2) + "\n")
     run.publish(name)
     if not cfg.engine.keep_checkpoints:
         shutil.rmtree(run.checkpoints(name), ignore_errors=True)
         with contextlib.suppress(OSError):  # only when no other phase keeps its checkpoints there
             run.checkpoints(name).parent.rmdir()
-    return result
+    return result, summary
 
 
 def describe(name: str, summary: dict) -> str:
@@ -244,7 +245,7 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
     return results
 
 
-def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_models: dict[str, Path] | None = None, title: str = "obliviate run", runner: Runner | None = None, resume: bool = False, made: dict[str, dict | None] | None = None) -> RunResult:
+def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_models: dict[str, Path] | None = None, title: str = "obliviate run", runner: Runner | None = None, resume: bool = False, made: dict[str, TrainingSummary | None] | None = None) -> RunResult:
     """Run the given phases in order with `runner` (default: in this process); `eval_models` overrides which
     models the eval phase compares, `made` hands it the summaries of those an earlier call trained. With
     `resume`, finished phases are kept and an interrupted one continues."""
@@ -266,13 +267,12 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
                 method.export(phase, checked.inputs, directory.staging(phase), device)
                 directory.publish(phase)
             elif phase != "eval":
-                result.phases[phase] = train_phase(cfg, directory, method, phase, checked, runner or LocalRunner(), resume)
-        if "unlearn" in result.phases:
-            result.summary = method.summary(result.phases["unlearn"])
+                result.phases[phase], summary = train_phase(cfg, directory, method, phase, checked, runner or LocalRunner(), resume)
+                result.summary = summary or result.summary
         if "eval" in todo:
             models = dict(eval_models or {"baseline": checked.inputs.baseline, "unlearned": directory.outputs["unlearn"]})
             if cfg.oracle and "oracle" not in models:
                 models["oracle"] = Path(cfg.oracle).expanduser()
-            made = {**(made or {}), **({"unlearned": result.summary} if result.summary and not eval_models else {})}
-            result.metrics = evaluate(cfg, directory, models, device, title, checked, {name: s for name, s in made.items() if s})
+            made = {**(made or {}), **({"unlearned": result.summary} if not eval_models else {})}
+            result.metrics = evaluate(cfg, directory, models, device, title, checked, {name: s.as_json() for name, s in made.items() if s})
     return result

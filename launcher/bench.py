@@ -44,10 +44,10 @@ def bench_train(cfg: RunConfig, workers: list[int], out: Path, runner_for) -> li
         with runner_for(run_cfg) as runner:
             summary = recipe.run(run_cfg, ["unlearn"], True, "bench-train", runner=runner).summary
         wall = time.perf_counter() - start
-        speed = summary["throughput"]
+        speed = summary.throughput
         mfu = 6 * params * speed["tokens_per_s"] / (peak * 1e12 * max(n, 1)) if peak else None
         rows.append({
-            "workers": n, "steps": summary["steps"], "wall s": wall, "train s": summary["train_seconds"],
+            "workers": n, "steps": summary.steps, "wall s": wall, "train s": summary.train_seconds,
             "tokens/s": speed["tokens_per_s"], "wait fraction": speed["label_wait_fraction"],
             "labeler tokens/s": speed["labeler_tokens_per_s"], "labeler util": speed["labeler_utilization"], "MFU": mfu,
         })

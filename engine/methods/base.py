@@ -10,7 +10,7 @@ run any phase without knowing the method. See docs/methods.md for a walk-through
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -49,6 +49,27 @@ class RunInputs:
         return torch.tensor([block.input_ids for block in self.forget_blocks])
 
 
+@dataclass(frozen=True)
+class TrainingSummary:
+    """How an unlearned model was made, handed on in memory and written beside it (obliviate_training.json)."""
+
+    method: str
+    steps: int
+    train_seconds: float
+    workers: int  # trainer ranks (0: in process)
+    throughput: dict[str, float]  # tokens/s, target wait fraction, teacher tokens/s and utilization
+    details: dict = field(default_factory=dict)  # the method's own record (WHP: α, label statistics, best step)
+
+    @classmethod
+    def of(cls, method: str, result: PhaseResult, workers: int, **details: object) -> TrainingSummary:
+        return cls(method, result.fit.steps, result.fit.seconds, workers, result.throughput, details)
+
+    def as_json(self) -> dict:
+        """One flat record: the common fields, then the method's."""
+        common = {"method": self.method, "steps": self.steps, "train_seconds": self.train_seconds, "workers": self.workers, "throughput": self.throughput}
+        return {**common, **self.details}
+
+
 class Method(Protocol):
     name: ClassVar[str]  # the `method:` config value
     outputs: ClassVar[dict[str, str]]  # phase (or export) → its output's name in the run directory
@@ -73,11 +94,11 @@ class Method(Protocol):
         """Write the export `name` into `staging` (only for names in `exports`)."""
         ...
 
-    def summary(self, result: PhaseResult) -> dict:
+    def summary(self, result: PhaseResult) -> TrainingSummary:
         """What is recorded beside the unlearned model (obliviate_training.json) from its phase's result."""
         ...
 
     @staticmethod
     def describe(name: str, summary: dict) -> str:
-        """One report line on how the model `name` was made, from its recorded summary."""
+        """One report line on how the model `name` was made, from its summary's flat record (`as_json`)."""
         ...

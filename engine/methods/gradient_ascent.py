@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from configs import RunConfig
-from engine.methods.base import Phase, RunInputs
+from engine.methods.base import Phase, RunInputs, TrainingSummary
 from engine.training.job import PhaseResult
 from engine.training.objectives import causal_lm_loss_sum, trained_tokens
 
@@ -47,17 +47,9 @@ class GradientAscent:
     def export(self, name: str, inputs: RunInputs, staging: Path, device: torch.device) -> None:
         raise AssertionError("gradient ascent has no exports")
 
-    def summary(self, result: PhaseResult) -> dict:
-        fit = result.fit
-        return {
-            "method": self.name,
-            "steps": fit.steps,
-            "train_seconds": fit.seconds,
-            "final_loss": fit.losses[-1] if fit.losses else None,
-            "lr": self.cfg.unlearn.lr,
-            "workers": self.cfg.engine.workers,
-            "throughput": result.throughput,
-        }
+    def summary(self, result: PhaseResult) -> TrainingSummary:
+        final = result.fit.losses[-1] if result.fit.losses else None
+        return TrainingSummary.of(self.name, result, self.cfg.engine.workers, final_loss=final, lr=self.cfg.unlearn.lr)
 
     @staticmethod
     def describe(name: str, s: dict) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from configs import RunConfig
 from configs.errors import UserError
-from engine.methods.base import Phase, RunInputs
+from engine.methods.base import Phase, RunInputs, TrainingSummary
 from engine.methods.generic_labels import LabelerSpec, build_labels
 from engine.models import check_model_dir, check_same_tokenizer, load_model, load_tokenizer
 from engine.training.job import PhaseResult
@@ -70,21 +70,13 @@ class WHP:
         labels.save(staging)
         log.info("labels: %s", labels.stats)
 
-    def summary(self, result: PhaseResult) -> dict:
-        fit = result.fit
+    def summary(self, result: PhaseResult) -> TrainingSummary:
+        fit, labels = result.fit, self.cfg.labels
         log.info("unlearn: best validation loss %.4f at step %d of %d", fit.best_val_loss, fit.best_step, fit.steps)
-        return {
-            "method": self.name,
-            "alpha": self.cfg.labels.alpha,
-            "forbid_anchor_keys": self.cfg.labels.forbid_anchor_keys,
-            "best_step": fit.best_step,
-            "steps": fit.steps,
-            "train_seconds": fit.seconds,
-            "best_val_loss": fit.best_val_loss,
-            "label_stats": result.teacher_stats,
-            "workers": self.cfg.engine.workers,
-            "throughput": result.throughput,
-        }
+        return TrainingSummary.of(
+            self.name, result, self.cfg.engine.workers, alpha=labels.alpha, forbid_anchor_keys=labels.forbid_anchor_keys,
+            best_step=fit.best_step, best_val_loss=fit.best_val_loss, label_stats=result.teacher_stats,
+        )
 
     @staticmethod
     def describe(name: str, s: dict) -> str:
