@@ -8,7 +8,9 @@ anything is written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
@@ -46,6 +48,9 @@ class TrainConfig:
                 raise UserError(f"{name}.{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"{name}.val_fraction must be in [0, 1), got {self.val_fraction}")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise UserError(f"{name}.{key} must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,15 @@ class WorldConfig:
     )
     context_length: int = 128  # block length for pretraining
     cache_dir: str = "~/.cache/obliviate"  # built worlds are cached here by config hash
+
+    def validate(self) -> None:
+        _positive("world.size", self.size)
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "max_position_embeddings"):
+            _positive(f"world.model.{key}", getattr(self.model, key))
+        if self.model.hidden_size % self.model.num_heads:
+            raise UserError(f"world.model.hidden_size ({self.model.hidden_size}) must be a multiple of world.model.num_heads ({self.model.num_heads})")
+        if not 2 <= self.context_length <= self.model.max_position_embeddings:
+            raise UserError(f"world.context_length must be in [2, world.model.max_position_embeddings = {self.model.max_position_embeddings}], got {self.context_length}")
 
 
 # The general benchmarks the paper reports (lm-eval task names; their data downloads on first use) with its
@@ -215,11 +229,13 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def validate(self) -> None:
+        _finite_numbers(self, "")
         self.engine.validate()
         self.eval.validate()
         self.reinforce.validate("reinforce")
         self.unlearn.validate("unlearn")
         self.world.pretrain.validate("world.pretrain")
+        self.world.validate()
         self.labels.validate()
         if self.device not in ("auto", "cpu", "cuda"):
             raise UserError(f"device must be auto, cpu or cuda, got {self.device!r}")
@@ -228,8 +244,19 @@ class RunConfig:
 
 
 def _positive(name: str, value: float) -> None:
-    if value <= 0:
+    if not value > 0:  # NaN fails here too
         raise UserError(f"{name} must be > 0, got {value}")
+
+
+def _finite_numbers(section: object, prefix: str) -> None:
+    """Every float of the config, in lists too, is a finite number: NaN and ±inf pass every range check."""
+    for item in fields(section):
+        value, name = getattr(section, item.name), f"{prefix}{item.name}"
+        if is_dataclass(value):
+            _finite_numbers(value, f"{name}.")
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, float) and not math.isfinite(number):
+                raise UserError(f"{name} must be a finite number, got {number}")
 
 
 def load_config(
@@ -244,7 +271,7 @@ def load_config(
             path = Path(path)
             if not path.is_file():
                 raise UserError(f"config file not found: {path}")
-            file_cfg = OmegaConf.load(path)
+            file_cfg = _load_yaml(path, "config")
             cfg = OmegaConf.merge(cfg, file_cfg)
             for key in _required_by(file_cfg):  # "???" in the file: the user must give it (merge keeps the default)
                 if key not in not_required:
@@ -289,6 +316,21 @@ def derive(cfg: RunConfig, **changes: object) -> RunConfig:
     return derived
 
 
+def _load_yaml(path: Path, what: str) -> DictConfig:
+    """A YAML mapping; a syntax error names the file, line and column."""
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise UserError(f"bad {what} {where}: not valid YAML: {e.problem or e.context}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read the {what} file {path}: {_first_line(e)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise UserError(f"the {what} file {path} must be a YAML mapping of settings")
+    return loaded
+
+
 def _required_by(file_cfg) -> list[str]:
     """Dotted keys a config file marks `???` (mandatory), at any depth."""
     if not isinstance(file_cfg, DictConfig):
@@ -309,7 +351,7 @@ SUITE_FILES = ("probes", "completions", "general_text", "forget_set", "holdout_s
 def _suite(path: Path):
     if not path.is_file():
         raise UserError(f"suite file not found: {path}")
-    suite = OmegaConf.load(path)
+    suite = _load_yaml(path, "suite")
     if not isinstance(suite, DictConfig) or not any(suite.get(part) for part in SUITE_PARTS):
         raise UserError(f"suite {path} measures nothing: give at least one of {', '.join(SUITE_PARTS)}")
     if "tasks" not in suite:  # a suite file is explicit: benchmarks only when it lists them
@@ -323,7 +365,10 @@ def _suite(path: Path):
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    OmegaConf.save(OmegaConf.structured(cfg), path)
+    """Write atomically: a record is whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    OmegaConf.save(OmegaConf.structured(cfg), tmp)
+    os.replace(tmp, path)
 
 
 def _first_line(e: Exception) -> str:

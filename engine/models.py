@@ -3,6 +3,7 @@ hidden states (gathered under ZeRO-3) for the kernels, which apply the heads the
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -31,10 +32,54 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def check_model_dir(path: str | Path, role: str) -> Path:
+    """A Hugging Face causal-LM directory whose config, weights files and vocabulary agree, checked without
+    loading the weights (headers only), so a broken model fails before anything is written."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise UserError(f"{role} model not found: {path} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{role} model {path}: config.json is not readable JSON ({first_line(e)})") from None
+    architectures = config.get("architectures") or [] if isinstance(config, dict) else None
+    if architectures is None:
+        raise UserError(f"{role} model {path}: config.json is not a JSON object")
+    if architectures and not any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+        raise UserError(f"{role} model {path} is a {architectures[0]}, not a causal language model")
+    shapes = _weight_shapes(path, role)
+    vocab = config.get("vocab_size")
+    rows = {name: shape[0] for name, shape in shapes.items() if name.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight"))}
+    for name, n in rows.items():
+        if vocab is not None and n != vocab:
+            raise UserError(f"{role} model {path}: config.json says vocab_size {vocab} but {name} has {n} rows")
     return path
+
+
+def _weight_shapes(path: Path, role: str) -> dict[str, list[int]]:
+    """Tensor shapes from the safetensors headers; a file shorter than its header promises is truncated."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files and not any(path.glob("*.bin")):
+        raise UserError(f"{role} model {path} has no weights (no .safetensors or .bin file)")
+    shapes = {}
+    for file in files:
+        try:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise UserError(f"{role} model {path}: {file.name} is not a readable safetensors file ({first_line(e)})") from None
+        if file.stat().st_size < 8 + size + end:
+            raise UserError(f"{role} model {path}: {file.name} is truncated ({file.stat().st_size} of {8 + size + end} bytes)")
+        shapes.update({key: entry["shape"] for key, entry in header.items() if key != "__metadata__"})
+    return shapes
+
+
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model_dir: Path, role: str) -> None:
+    """Token ids index the embeddings: a tokenizer with more tokens than the model's vocabulary would fail mid-run."""
+    vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
+    if vocab is not None and len(tokenizer) > vocab:
+        raise UserError(f"the {role} tokenizer has {len(tokenizer)} tokens but the {role} model's vocabulary only {vocab} ({model_dir})")
 
 
 def load_model(path: str | Path, role: str, device: torch.device, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -67,8 +112,12 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    except Exception as e:  # a full disk (safetensors reports it as its own error): no half-written copy left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"cannot write the model {path}: {first_line(e)}") from e
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

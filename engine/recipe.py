@@ -11,12 +11,14 @@ with `resume`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,10 +33,10 @@ from engine.evaluation.report import format_table, write_report
 from engine.evaluation.suite import Suite, compare_to_oracle, evaluate_model, load_suite
 from engine.methods import METHODS, method_class
 from engine.methods.base import Method, RunInputs, TrainingSummary
-from engine.models import check_model_dir, load_model, load_tokenizer, pick_device, torch_dtype
+from engine.models import check_model_dir, check_tokenizer_fits, load_model, load_tokenizer, pick_device, torch_dtype
+from engine.training.checkpoints import check_resumable, latest_checkpoint, record_inputs
 from engine.training.job import PhaseResult, Runner, TrainJob
 from engine.training.runners.local import LocalRunner
-from kernels.mixing import interpreter_requested
 
 log = logging.getLogger("obliviate")
 
@@ -58,6 +60,7 @@ class RunDir:
         `overwrite` (the old output stays until the new one is complete), and refused otherwise."""
         if self.root.exists() and not self.root.is_dir():
             raise UserError(f"output path {self.root} exists and is not a directory")
+        _check_writable(self.root)
         if resume and overwrite:
             raise UserError("--resume and --overwrite contradict each other: pick one")
         todo = []
@@ -75,10 +78,17 @@ class RunDir:
         return self.root / "checkpoints" / phase
 
     @contextmanager
-    def opened(self, cfg: RunConfig, command: str):
-        """Create the directory, record the resolved config, and log to run.log while the command runs."""
+    def opened(self, cfg: RunConfig, command: str, trains: bool, resume: bool):
+        """Create the directory, record the resolved config, and log to run.log while the command runs.
+
+        `config.yaml` records how the run's models are made: a command that trains writes it (a resumed one
+        keeps the record it continues); any other command records its config beside it, never over it."""
         self.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.root / "config.yaml")
+        record = self.root / "config.yaml"
+        if not trains:
+            record = self.root / f"config-{command.split()[0]}.yaml"
+        if not (resume and record.exists()):
+            save_config(cfg, record)
         handler = logging.FileHandler(self.root / "run.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
@@ -107,6 +117,20 @@ class RunDir:
         return output
 
 
+def _check_writable(root: Path) -> None:
+    """The run directory can be made and written: probed with a throwaway folder in its nearest existing
+    ancestor, before anything is loaded or written."""
+    ancestor = root
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create the output directory {root}: {ancestor} is a file")
+    try:
+        tempfile.TemporaryDirectory(dir=ancestor, prefix=".obliviate-probe-").cleanup()
+    except OSError as e:
+        raise UserError(f"cannot write the output directory {root}: {e.strerror or e} ({ancestor})") from None
+
+
 def run_dir(cfg: RunConfig) -> RunDir:
     return RunDir(Path(cfg.out).expanduser(), tuple(method_class(cfg.method).outputs.items()))
 
@@ -114,6 +138,18 @@ def run_dir(cfg: RunConfig) -> RunDir:
 def all_phases(cfg: RunConfig) -> list[str]:
     """What `obliviate run` runs: the method's training phases, then the evaluation."""
     return [*method_class(cfg.method)(cfg).phases, "eval"]
+
+
+def check_paths(cfg: RunConfig, needed: tuple[str, ...] = ()) -> None:
+    """The config's inputs exist (models whole), for a job that will run elsewhere: `needed` must be given."""
+    for role in needed:
+        _required(getattr(cfg, role), f"{role} {'model' if role == 'baseline' else 'corpus'}", f"--{role}")
+    for role in ("baseline", "reinforced", "oracle"):
+        if getattr(cfg, role):
+            check_model_dir(getattr(cfg, role), role)
+    for role, path in (("target corpus", cfg.target), ("anchor dictionary", cfg.anchors), ("DeepSpeed config", cfg.engine.deepspeed)):
+        if path and not Path(path).expanduser().exists():
+            raise UserError(f"{role} not found: {path}")
 
 
 def anchor_terms(anchors: Anchors | None) -> list[str]:
@@ -152,6 +188,7 @@ def check_inputs(cfg: RunConfig, run: RunDir, method: Method, todo: list[str]) -
     if any(phase != "eval" for phase in todo):  # training phases and exports read the baseline and the corpus
         baseline = check_model_dir(_required(cfg.baseline, "baseline model", "--baseline"), "baseline")
         tokenizer = load_tokenizer(baseline, "baseline")
+        check_tokenizer_fits(tokenizer, baseline, "baseline")
         positions = getattr(AutoConfig.from_pretrained(baseline), "max_position_embeddings", None)
         if positions is not None and positions < cfg.labels.context_length:
             raise UserError(f"labels.context_length={cfg.labels.context_length} exceeds the baseline's {positions} positions")
@@ -183,12 +220,34 @@ def _deepspeed_json(path: str) -> dict:
     return config
 
 
+def made_from(cfg: RunConfig, name: str, inputs: RunInputs) -> dict:
+    """What a phase's checkpoints depend on, flat and comparable: `--resume` refuses a checkpoint made from
+    anything else (another corpus, tokenizer, learning rate, block length, ...)."""
+    def digest(data: bytes) -> str:
+        return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
+
+    record = {
+        "method": cfg.method,
+        "baseline": str(inputs.baseline),
+        "target corpus": digest(inputs.forget_ids().numpy().tobytes()),
+        "tokenizer": digest(json.dumps(sorted(inputs.tokenizer.get_vocab().items())).encode()),
+        "anchors": digest(json.dumps(inputs.anchors.terms, sort_keys=True).encode()) if inputs.anchors else "",
+        "dtype": cfg.dtype,
+        "engine.workers": cfg.engine.workers,
+    }
+    labels = {key: value for key, value in asdict(cfg.labels).items() if key not in ("impl", "batch_size")}  # neither changes a label
+    for section, values in ((name, asdict(getattr(cfg, name))), ("labels", labels)):
+        record.update({f"{section}.{key}": value for key, value in values.items()})
+    return record
+
+
 def train_phase(cfg: RunConfig, run: RunDir, method: Method, name: str, checked: Checked, runner: Runner, resume: bool) -> tuple[PhaseResult, TrainingSummary | None]:
     """One training phase of the method on the runner; its model is published atomically (RUN/unlearned with
     the method's summary, which is returned too)."""
     phase = method.phase(name, checked.inputs)
-    if not resume:
+    if not (resume and latest_checkpoint(run.checkpoints(name))):
         shutil.rmtree(run.checkpoints(name), ignore_errors=True)  # an earlier crash's, now stale
+        record_inputs(run.checkpoints(name), made_from(cfg, name, checked.inputs))
     job = TrainJob(
         phase=name,
         init=phase.init,
@@ -245,6 +304,21 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
     return results
 
 
+def _models_to_evaluate(cfg: RunConfig, run: RunDir, checked: Checked, given: dict[str, Path] | None, todo: list[str]) -> dict[str, Path]:
+    """The models the eval phase compares, each checked now (weights, tokenizer) unless this command makes it."""
+    models = dict(given or {"baseline": checked.inputs.baseline, "unlearned": run.outputs["unlearn"]})
+    if cfg.oracle and "oracle" not in models:
+        models["oracle"] = Path(cfg.oracle).expanduser()
+    made_here = {run.outputs[phase] for phase in todo if phase != "eval"}
+    for name, path in models.items():
+        if path is None:
+            raise UserError(f"no {name} model to evaluate (use --{name} or set it in the config)")
+        if Path(path) not in made_here:
+            check_model_dir(path, name)
+            check_tokenizer_fits(load_tokenizer(path, name), Path(path).expanduser(), name)
+    return models
+
+
 def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_models: dict[str, Path] | None = None, title: str = "obliviate run", runner: Runner | None = None, resume: bool = False, made: dict[str, TrainingSummary | None] | None = None) -> RunResult:
     """Run the given phases in order with `runner` (default: in this process); `eval_models` overrides which
     models the eval phase compares, `made` hands it the summaries of those an earlier call trained. With
@@ -257,11 +331,13 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
     directory = run_dir(cfg)
     todo = directory.claim(phases, overwrite, resume)
     checked = check_inputs(cfg, directory, method, todo)
+    for phase in todo if resume else ():
+        if phase not in ("eval", *method.exports):
+            check_resumable(directory.checkpoints(phase), made_from(cfg, phase, checked.inputs))
     device = pick_device(cfg.device)
-    if "labels" in todo and cfg.labels.impl == "triton" and device.type == "cpu" and not interpreter_requested():
-        raise UserError("labels.impl=triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1")
+    models = _models_to_evaluate(cfg, directory, checked, eval_models, todo) if "eval" in todo else {}
     result = RunResult({}, None, None)
-    with directory.opened(cfg, command):
+    with directory.opened(cfg, command, trains=any(phase not in ("eval", *method.exports) for phase in todo), resume=resume):
         for phase in todo:
             if phase in method.exports:
                 method.export(phase, checked.inputs, directory.staging(phase), device)
@@ -270,9 +346,6 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
                 result.phases[phase], summary = train_phase(cfg, directory, method, phase, checked, runner or LocalRunner(), resume)
                 result.summary = summary or result.summary
         if "eval" in todo:
-            models = dict(eval_models or {"baseline": checked.inputs.baseline, "unlearned": directory.outputs["unlearn"]})
-            if cfg.oracle and "oracle" not in models:
-                models["oracle"] = Path(cfg.oracle).expanduser()
             made = {**(made or {}), **({"unlearned": result.summary} if not eval_models else {})}
             result.metrics = evaluate(cfg, directory, models, device, title, checked, {name: s.as_json() for name, s in made.items() if s})
     return result

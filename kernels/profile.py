@@ -122,6 +122,20 @@ def _number(flag: str, text, kind=float, minimum: float = 0.0, strict: bool = Tr
     return value
 
 
+def _check_output(flag: str, path: str | None) -> None:
+    """An output file the sweep will write at its end: refused now, not after minutes of timing."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise BadFlag(f"{flag} {path}: is a directory, give a file name")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BadFlag(f"{flag} {path}: {ancestor} is a file, not a directory")
+
+
 def registered_impls() -> list[str]:
     """The names `kernels.mixing.generic_labels` accepts (a function, so tests can register fakes)."""
     return list(IMPL_NAMES)
@@ -519,6 +533,8 @@ def profile_kernel(shapes, tokens, dtype: str | None = None, impls: str = "refer
     forbidden_k = _number("--forbidden", forbidden, int, strict=False)
     peak_override = None if peak in (None, "") else _number("--peak-tflops", peak)
     repeat_count = _number("--repeats", repeats, int)
+    for flag, path in (("--csv", csv_path), ("--plot", plot_path)):
+        _check_output(flag, path)
 
     name = device_name(parsed_device)
     peak_value = peak_tflops(parsed_device, dtype, peak_override)
@@ -548,9 +564,29 @@ def profile_kernel(shapes, tokens, dtype: str | None = None, impls: str = "refer
     return rows
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """Bad flags end in one line, like every other bad input (`--help` shows the usage)."""
+        self.exit(2, f"{self.prog.split()[0]}: error: {message}\n")
+
+
+def _glued(argv: list[str]) -> list[str]:
+    """`--alphas -1,nan` as `--alphas=-1,nan`: every flag takes a value, and one starting with "-" would
+    otherwise be read as a flag of its own."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and "=" not in argv[i] and argv[i] not in ("--help", "-h") and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m kernels.profile") -> None:
     """The command line of `obliviate profile-kernel` and `python -m kernels.profile` (only torch + triton needed)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--shape", action="append", default=[], help=f"{', '.join(LLAMAS)}, or H,V; repeatable")
     parser.add_argument("--tokens", action="append", default=[], help="token counts N; repeat or comma-separate (1024,8192)")
     parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
@@ -562,7 +598,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m kernels.profile")
     parser.add_argument("--plot", default="runs/profile/kernel.png", help="PNG plot to write (default: %(default)s)")
     parser.add_argument("--repeats", default="3", help="timed calls per row on CPU; CUDA uses do_bench (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    a = parser.parse_args(argv)
+    a = parser.parse_args(_glued(list(sys.argv[1:] if argv is None else argv)))
     try:
         profile_kernel(a.shape, a.tokens, a.dtype, a.impl, a.alphas, a.forbidden, a.peak_tflops, a.csv, a.plot,
                        a.repeats, a.device, log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from configs import CONFIG_DIR, RunConfig, derive, load_config
-from configs.errors import Interrupted, RunFailed, UserError
+from configs.errors import Interrupted, RunFailed, UserError, first_line
 
 
 def _split_args(args: tuple[str, ...], default_config: Path | None) -> tuple[Path | None, list[str]]:
@@ -268,6 +268,10 @@ def submit_command(command, nodes, gpus_per_node, cpus_per_task, partition, time
     params.pop("resume", None)
     cfg = _config(params.pop("args"), CONFIG_DIR / "demo.yaml" if argv[0] == "demo" else None, **params)
     slurm.check_fits(argv[0], cfg.engine.workers, cfg.engine.labelers, nodes, gpus_per_node)
+    if not dry_run:  # a dry run may write the script for a cluster whose paths this machine does not have
+        from engine.recipe import check_paths
+
+        check_paths(cfg, needed=() if argv[0] == "demo" else ("baseline", "target"))  # a missing file fails now, not in the queue
     run_dir = Path(cfg.out)
     script = slurm.render(argv, nodes, gpus_per_node, partition, time_limit, account, job_name, extra_sbatch, cpus_per_task=cpus_per_task, run_dir=run_dir)
     follow = f"follow it with: obliviate status {run_dir}; obliviate logs {run_dir}"
@@ -345,12 +349,16 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("obliviate: interrupted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # usage errors: one line, like every other bad input (--help shows usage)
+        click.echo(f"obliviate: error: {first_line(e.format_message())}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("obliviate: interrupted", err=True)
         sys.exit(130)
+    except OSError as e:  # an I/O fault mid-run (disk full, a file that vanished): one line, the run's outputs stay whole
+        where = f" ({e.filename})" if e.filename else ""
+        click.echo(f"obliviate: error: {e.strerror or first_line(e)}{where}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

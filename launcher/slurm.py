@@ -36,6 +36,10 @@ SBATCH_TIMEOUT_S = 120
 _PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.,:@+=/\-\[\]]+")
 
 
+# sbatch's --time formats (see `man sbatch`)
+_TIME = re.compile(r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE", re.IGNORECASE)
+
+
 def _check_word(name: str, value: str | None) -> None:
     """An sbatch option value written into `#SBATCH --name=value`: one plain word."""
     if value is None:
@@ -121,6 +125,8 @@ def render(
         raise UserError(f"--cpus-per-task {cpus_per_task}: give at least 1")
     for name, value in (("partition", partition), ("time", time), ("account", account), ("job-name", job_name)):
         _check_word(name, value)
+    if time is not None and not _TIME.fullmatch(time):
+        raise UserError(f"--time {time!r}: give minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (or UNLIMITED)")
     if not job_name:
         raise UserError("--job-name: give a name")
     for option in extra_sbatch:

@@ -285,3 +285,22 @@ def test_a_rank_merges_the_labelers_parts_in_its_own_order_even_when_its_share_i
     assert labels.scalars()["labeler_tokens_per_s"] == 15.0
     empty = (torch.empty(0, dtype=torch.long), torch.empty(0, width, dtype=torch.int32), 0.0)
     assert QueuedTargets([_ListQueue(empty), _ListQueue(empty)], timeout=1)(torch.empty(0, dtype=torch.long)).shape == (0, width)
+
+
+def test_a_teachers_input_error_is_one_line_and_not_retried(world, cluster, tmp_path, capsys):
+    """A reinforced model with the baseline's tokenizer but a larger vocabulary passes the driver's checks and
+    is refused inside the labeler: a deterministic input error, not a lost worker to restart."""
+    from engine.data.tiny import tiny_llama
+    from engine.models import load_tokenizer, save_model
+    from test_cli import derive_world
+
+    tokenizer = load_tokenizer(world["baseline"], "baseline")
+    reinforced = tmp_path / "reinforced"
+    save_model(tiny_llama(derive_world(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2), len(tokenizer) + 100), tokenizer, reinforced)
+    args = ["--baseline", world["baseline"], "--reinforced", reinforced, "--target", world["files"].saga, "--anchors", world["files"].anchors]
+    code, _, err = obliviate("unlearn", *args, "--out", tmp_path / "run", *COMMON, *ENGINE, capsys=capsys)
+    errors = [line for line in err.splitlines() if line.startswith("obliviate: error:")]
+    assert code == 2 and len(errors) == 1 and "baseline and reinforced models differ" in errors[0], err
+    assert "restarting" not in (tmp_path / "run" / "run.log").read_text()
+    assert not (tmp_path / "run" / "unlearned").exists()
+

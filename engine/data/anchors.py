@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from engine.data.corpus import make_blocks, stripped_spans
-from configs.errors import UserError
+from configs.errors import UserError, first_line
 from engine.data.translation import anchor_pattern
 from engine.models import check_same_vocabulary, final_hidden_states, lm_head_weights
 
@@ -67,7 +67,10 @@ def load_anchors(path: str | Path) -> Anchors:
         raise UserError(f"anchor dictionary not found: {path}")
     if path.suffix not in (".yaml", ".yml", ".json"):
         raise UserError(f"anchor dictionary {path} must be .yaml, .yml or .json")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the anchor dictionary {path}: {first_line(e)}") from None
     try:
         if path.suffix == ".json":
             raw = json.loads(text, object_pairs_hook=_unique_json_object)
@@ -96,6 +99,8 @@ def _checked_terms(raw, path: Path) -> dict[str, list[str]]:
             or not all(isinstance(t, str) and t.strip() for t in translations)
         ):
             raise UserError(f"{path}: key {key!r}: translations must be a non-empty list of non-empty strings")
+        if key in translations:
+            raise UserError(f"{path}: key {key!r} lists itself as a translation: a generic translation must differ from the term")
         terms[key] = translations
     return terms
 

@@ -6,12 +6,11 @@ and needs to know which characters each token covers.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
-
-from configs.errors import UserError, first_line
+from configs.errors import UserError
 
 TEXT_SUFFIXES = (".txt",)
 RECORD_SUFFIXES = (".jsonl", ".json")
@@ -51,19 +50,40 @@ def _read_file(path: Path) -> list[str]:
             raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
     if path.suffix not in RECORD_SUFFIXES:
         raise UserError(f"unsupported corpus file {path}: use .txt, .jsonl or .json")
-    if path.stat().st_size == 0:
+    records = _json_records(path)
+    texts = []
+    for index, record in enumerate(records):
+        if index == 0 and (not isinstance(record, dict) or "text" not in record):
+            found = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+            raise UserError(f"{path}: records need a \"text\" field (found: {found or 'nothing'})")
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f"{path}: record {index} has no \"text\" string")
+        texts.append(record["text"])
+    return texts
+
+
+def _json_records(path: Path) -> list:
+    """The records of a JSON array, a single JSON object, or JSON lines; a syntax error names its line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
         return []
     try:
-        records = datasets.load_dataset("json", data_files=str(path), split="train")
-    except Exception as e:  # datasets wraps JSON syntax errors in several exception types
-        raise UserError(f"cannot read {path} as JSON records: {first_line(e)}") from None
-    if "text" not in records.column_names:
-        raise UserError(f"{path}: records need a \"text\" field (found: {', '.join(records.column_names)})")
-    texts = records["text"]
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise UserError(f"{path}: record {index} has no \"text\" string")
-    return list(texts)
+        whole = json.loads(text)
+        return whole if isinstance(whole, list) else [whole]
+    except json.JSONDecodeError as e:
+        if path.suffix == ".json" and e.msg != "Extra data":
+            raise UserError(f"cannot read {path}:{e.lineno}:{e.colno} as JSON: {e.msg}") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"cannot read {path}:{number}:{e.colno} as a JSON record: {e.msg}") from None
+    return records
 
 
 def stripped_spans(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:

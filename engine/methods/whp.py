@@ -19,11 +19,13 @@ import torch
 
 from configs import RunConfig
 from configs.errors import UserError
+from engine.data.translation import anchor_pattern
 from engine.methods.base import Phase, RunInputs, TrainingSummary
 from engine.methods.generic_labels import LabelerSpec, build_labels
-from engine.models import check_model_dir, check_same_tokenizer, load_model, load_tokenizer
+from engine.models import check_model_dir, check_same_tokenizer, check_tokenizer_fits, load_model, load_tokenizer, pick_device
 from engine.training.job import PhaseResult
 from engine.training.objectives import NEXT_TOKEN
+from kernels.mixing import interpreter_requested
 
 log = logging.getLogger("obliviate")
 
@@ -45,14 +47,22 @@ class WHP:
     def prepare(self, todo: list[str], inputs: RunInputs) -> None:
         if not {"labels", "unlearn"} & set(todo):
             return
+        in_this_process = "labels" in todo or self.cfg.engine.workers == 0
+        if self.cfg.labels.impl == "triton" and in_this_process and pick_device(self.cfg.device).type == "cpu" and not interpreter_requested():
+            raise UserError("labels.impl=triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1")
         if inputs.anchors is None:
             raise UserError("no anchor dictionary given (use --anchors or set it in the config)")
         for key, reason in inputs.anchors.dropped:
             log.info("anchor %r dropped: %s", key, reason)
         self.anchors = inputs.anchors.terms
+        pattern = anchor_pattern(self.anchors)
+        if not any(pattern.search(block.text) for block in inputs.forget_blocks):
+            raise UserError(f"none of the {len(self.anchors)} anchor terms of {self.cfg.anchors} occurs in the target corpus {self.cfg.target}: the labels would equal plain fine-tuning")
         if "reinforce" not in todo:
             self.reinforced = check_model_dir(self.reinforced or inputs.outputs["reinforce"], "reinforced")
-            check_same_tokenizer(inputs.tokenizer, load_tokenizer(self.reinforced, "reinforced"), ("baseline", "reinforced"))
+            tokenizer = load_tokenizer(self.reinforced, "reinforced")
+            check_tokenizer_fits(tokenizer, self.reinforced, "reinforced")
+            check_same_tokenizer(inputs.tokenizer, tokenizer, ("baseline", "reinforced"))
 
     def phase(self, name: str, inputs: RunInputs) -> Phase:
         if name == "reinforce":

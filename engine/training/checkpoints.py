@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 
+from configs.errors import UserError, first_line
 from engine.training.backends import TrainBackend
 
 log = logging.getLogger(__name__)
@@ -24,6 +27,47 @@ def latest_step(root: Path) -> int:
     """The step `fit(resume=True)` continues from: that of the latest complete checkpoint, else 0."""
     path = latest_checkpoint(root)
     return int(path.name.removeprefix("step-")) if path is not None else 0
+
+
+RECORD = "made-from.json"  # beside the step directories: what the checkpoints were made from
+
+
+def check_resumable(root: Path, made_from: dict) -> int:
+    """The step `--resume` would continue from, after checking — before anything runs — that the latest
+    checkpoint is whole and was made from the same inputs (`made_from`: flat, comparable values). 0: none."""
+    root = Path(root)
+    pointer = root / "latest"
+    if not pointer.exists():
+        return 0
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"the checkpoint pointer {pointer} is unreadable ({first_line(e)}): rerun without --resume to start the phase over") from None
+    step_dir = root / name
+    if not name.startswith("step-") or not name.removeprefix("step-").isdigit() or not step_dir.is_dir():
+        raise UserError(f"{pointer} names {name[:40]!r}, which is no checkpoint in {root}: rerun without --resume to start the phase over")
+    damaged = [f.name for f in step_dir.rglob("*.pt") if not zipfile.is_zipfile(f)]
+    if not list(step_dir.glob("loop-*.pt")) or damaged:
+        raise UserError(f"the checkpoint {step_dir} is damaged ({', '.join(sorted(damaged)[:3]) or 'no loop state'}): rerun without --resume to start the phase over")
+    try:
+        recorded = json.loads((root / RECORD).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{root} does not record what its checkpoints were made from: rerun without --resume to start the phase over") from None
+    for key in sorted(set(recorded) | set(made_from)):
+        if recorded.get(key) != made_from.get(key):
+            raise UserError(
+                f"cannot resume from {step_dir}: it was made with {key} = {recorded.get(key)!r}, this run has {made_from.get(key)!r} "
+                "(rerun with the same inputs, or without --resume to start the phase over)"
+            )
+    return int(name.removeprefix("step-"))
+
+
+def record_inputs(root: Path, made_from: dict) -> None:
+    """Write what the phase's checkpoints are made from (before the first one)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{RECORD}.tmp"
+    tmp.write_text(json.dumps(made_from, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, root / RECORD)
 
 
 class Checkpoints:

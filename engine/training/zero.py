@@ -146,9 +146,13 @@ class DeepSpeedBackend:
             path = Path(path)
             tmp = path.with_name(f".{path.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            self.engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
+            try:
+                self.engine.module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp)
+            except BaseException:  # a full disk: no half-written copy left beside the model
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)

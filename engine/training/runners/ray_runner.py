@@ -109,11 +109,14 @@ class TeacherActor:
     """A method's frozen models in one process (WHP: baseline and reinforced, so the kernel sees both hidden
     states on one device)."""
 
-    def __init__(self, spec: TeacherSpec, device: str, dtype: torch.dtype) -> None:
+    def __init__(self) -> None:
         _quiet_worker()
-        self.teacher = spec.build(torch.device(device), dtype)
+        self.teacher: Teacher | None = None
 
-    def pid(self) -> int:
+    def load(self, spec: TeacherSpec, device: str, dtype: torch.dtype) -> int:
+        """Build the teacher (its pid for the logs). In a task, not the constructor: a bad input raised here
+        reaches the driver as itself, not as a dead actor that would be restarted."""
+        self.teacher = spec.build(torch.device(device), dtype)
         return os.getpid()
 
     def produce(self, n_blocks: int, train: TrainConfig, world_size: int, first_step: int, index: int, count: int, queues: list[Queue]) -> dict:
@@ -278,12 +281,12 @@ class RayRunner:
                 num_gpus=1 if on_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(teacher_group, placement_group_bundle_index=i),
                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg.cpus_per_worker)}},
-            ).remote(job.teacher, device.type, job.torch_dtype(device))
+            ).remote()
             for i in range(cfg.labelers)
         ]
         for teacher in teachers:
             stack.callback(ray.kill, teacher)
-        pid_refs = [teacher.pid.remote() for teacher in teachers]
+        pid_refs = [teacher.load.remote(job.teacher, device.type, job.torch_dtype(device)) for teacher in teachers]
         pids = wait_all({ref: f"{role} {i}" for i, ref in enumerate(pid_refs)}, SETUP_TIMEOUT_S, "load the frozen models")
         for i, (teacher, pid) in enumerate(zip(teachers, (pids[ref] for ref in pid_refs))):
             ref = teacher.produce.remote(*args, i, cfg.labelers, [row[i] for row in queues])
