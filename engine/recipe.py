@@ -184,6 +184,7 @@ class Checked:
 
 
 def check_inputs(cfg: RunConfig, run: RunDir, method: Method, todo: list[str]) -> Checked:
+    deepspeed = _deepspeed_json(cfg.engine.deepspeed)
     baseline, tokenizer, blocks = None, None, []
     if any(phase != "eval" for phase in todo):  # training phases and exports read the baseline and the corpus
         baseline = check_model_dir(_required(cfg.baseline, "baseline model", "--baseline"), "baseline")
@@ -203,7 +204,7 @@ def check_inputs(cfg: RunConfig, run: RunDir, method: Method, todo: list[str]) -
         if cfg.oracle:
             check_model_dir(cfg.oracle, "oracle")
         suite = load_suite(cfg.eval, pick_device(cfg.device))
-    return Checked(inputs, _deepspeed_json(cfg.engine.deepspeed), suite)
+    return Checked(inputs, deepspeed, suite)
 
 
 def _deepspeed_json(path: str) -> dict:

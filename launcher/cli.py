@@ -173,17 +173,20 @@ def anchors() -> None:
 @click.option("--target", required=True, help="target corpus")
 @click.option("--general", required=True, help="general corpus to contrast with")
 @click.option("--out", required=True, help="YAML file to write")
-@click.option("--top-k", default=200, show_default=True, help="number of terms to propose")
+@click.option("--top-k", default=200, show_default=True, type=click.IntRange(min=1), help="number of terms to propose")
 @click.option("--overwrite", is_flag=True, help="replace an existing file")
 def anchors_suggest(baseline, reinforced, target, general, out, top_k, overwrite):
     """Propose a reviewable anchor dictionary from the corpora and the two models, offline."""
     from engine.data.anchors import suggest_anchors, write_suggestions
     from engine.data.corpus import read_corpus
-    from engine.models import check_same_tokenizer, load_model, load_tokenizer, pick_device
+    from engine.models import check_model_dir, check_same_tokenizer, load_model, load_tokenizer, pick_device
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"--out {out}: give a file in an existing directory")
+    baseline, reinforced = check_model_dir(baseline, "baseline"), check_model_dir(reinforced, "reinforced")
     tokenizer = load_tokenizer(baseline, "baseline")
     check_same_tokenizer(tokenizer, load_tokenizer(reinforced, "reinforced"), ("baseline", "reinforced"))
     target_docs, general_docs = read_corpus(target), read_corpus(general)
@@ -329,6 +332,7 @@ def _quiet_libraries() -> None:
 
     transformers.utils.logging.disable_progress_bar()  # per-tensor loading bars drown the phase bars
     datasets.disable_progress_bars()
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retries when offline are not ours to report
     for name in ("transformers", "datasets", "urllib3", "filelock", "matplotlib", "fsspec"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -390,3 +390,64 @@ def test_profile_kernel_flags_are_one_line(flags, fragment, tmp_path):
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
     assert not (tmp_path / "k.csv").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the other commands
+
+
+def _other_commands(world, tmp: Path) -> dict[str, tuple[list, str]]:
+    b, files = world["baseline"], world["files"]
+    t, a = files.saga, files.anchors
+    (tmp / "a-file").write_text("x")
+    suggest = ["anchors", "suggest", "--reinforced", b, "--target", t, "--general", files.general]
+    plan = ["plan", "configs/llama2-7b.yaml", "--nodes", "1", "--gpus-per-node", "8"]
+    return {
+        "suggest-missing-baseline": ([*suggest, "--baseline", tmp / "nope", "--out", tmp / "s.yaml"], "baseline model not found"),
+        "suggest-out-exists": ([*suggest, "--baseline", b, "--out", tmp / "a-file"], "exists; pass --overwrite"),
+        "suggest-out-in-missing-dir": ([*suggest, "--baseline", b, "--out", tmp / "no" / "s.yaml"], "existing directory"),
+        "suggest-top-k-0": ([*suggest, "--baseline", b, "--out", tmp / "s.yaml", "--top-k", "0"], "--top-k"),
+        "suggest-missing-general": (["anchors", "suggest", "--baseline", b, "--reinforced", b, "--target", t, "--general", tmp / "nope.txt", "--out", tmp / "s.yaml"], "corpus not found"),
+        "plan-nan": ([*plan, "labels.alpha=nan"], "labels.alpha must be a finite number"),
+        "plan-unknown-model": ([*plan, f"baseline={tmp / 'nope'}"], "unknown model"),
+        "plan-missing-config": (["plan", tmp / "nope.yaml", "--nodes", "1", "--gpus-per-node", "8"], "config file not found"),
+        "plan-gpu-mem-0": ([*plan, "--gpu-mem", "0"], "--gpu-mem"),
+        "logs-missing-run": (["logs", tmp / "nope"], "no SLURM logs"),
+        "status-bad-job": (["status", "x y"], "neither a SLURM job id"),
+        "eval-missing-model": (["eval", "--model", tmp / "nope", "--out", tmp / "run"], "evaluated model not found"),
+        "eval-missing-suite": (["eval", "--model", b, "--suite", tmp / "nope.yaml", "--out", tmp / "run"], "suite file not found"),
+        "bench-bad-workers": (["bench-train", "--workers", "a", "--out", tmp / "run"], "--workers"),
+        "bench-steps-0": (["bench-train", "--steps", "0", "--out", tmp / "run"], "--steps"),
+        "demo-nan": (["demo", "labels.alpha=nan", "--out", tmp / "run"], "labels.alpha must be a finite number"),
+        "demo-out-is-a-file": (["demo", "--out", tmp / "a-file"], "exists and is not a directory"),
+        "labels-triton-without-interpreter": (["labels", "--baseline", b, "--reinforced", b, "--target", t, "--anchors", a, "--out", tmp / "run", "labels.impl=triton", *TINY], "TRITON_INTERPRET"),
+        "unlearn-without-reinforced": (["unlearn", "--baseline", b, "--target", t, "--anchors", a, "--out", tmp / "run", *TINY], "reinforced model not found"),
+        "missing-deepspeed-json": (["unlearn", "--baseline", b, "--reinforced", b, "--target", t, "--anchors", a, "--out", tmp / "run", "engine.deepspeed=/nope.json", *TINY], "cannot read the DeepSpeed config"),
+        "profile-plot-under-a-file": (["profile-kernel", "--shape", "64,96", "--tokens", "8", "--plot", tmp / "a-file" / "x.png", "--csv", tmp / "k.csv"], "is a file"),
+        "unknown-method-for-run": (["run", "--baseline", b, "--target", t, "--out", tmp / "run", "method=nope"], "unknown method"),
+    }
+
+
+OTHER = ["suggest-missing-baseline", "suggest-out-exists", "suggest-out-in-missing-dir", "suggest-top-k-0", "suggest-missing-general", "plan-nan", "plan-unknown-model",
+         "plan-missing-config", "plan-gpu-mem-0", "logs-missing-run", "status-bad-job", "eval-missing-model", "eval-missing-suite", "bench-bad-workers", "bench-steps-0",
+         "demo-nan", "demo-out-is-a-file", "labels-triton-without-interpreter", "unlearn-without-reinforced", "missing-deepspeed-json", "profile-plot-under-a-file",
+         "unknown-method-for-run"]
+
+
+@pytest.mark.parametrize("case", OTHER)
+def test_the_other_commands_refuse_bad_input_in_one_line(world, tmp_path, monkeypatch, case):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # `configs/...` as a user in the checkout types it
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    argv, fragment = _other_commands(world, tmp_path)[case]
+    code, err = _cli(argv)
+    assert_refused(code, err, 2, fragment)
+    assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "s.yaml").exists() and (tmp_path / "a-file").read_text() == "x"
+
+
+def test_a_later_command_never_rewrites_the_finished_runs_record(world, finished):
+    record = (finished / "config.yaml").read_bytes()
+    models = checksums(finished / "unlearned")
+    code, err = _cli(["eval", "--model", finished / "unlearned", "--out", finished, "--overwrite", f"eval.probes={world['files'].probes}", "eval.tasks=[]", "eval.max_new_tokens=4"])
+    assert code == 0, err
+    assert (finished / "config.yaml").read_bytes() == record and (finished / "config-eval.yaml").is_file()
+    assert checksums(finished / "unlearned") == models

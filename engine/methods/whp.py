@@ -52,8 +52,6 @@ class WHP:
             raise UserError("labels.impl=triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1")
         if inputs.anchors is None:
             raise UserError("no anchor dictionary given (use --anchors or set it in the config)")
-        for key, reason in inputs.anchors.dropped:
-            log.info("anchor %r dropped: %s", key, reason)
         self.anchors = inputs.anchors.terms
         pattern = anchor_pattern(self.anchors)
         if not any(pattern.search(block.text) for block in inputs.forget_blocks):
@@ -67,6 +65,8 @@ class WHP:
     def phase(self, name: str, inputs: RunInputs) -> Phase:
         if name == "reinforce":
             return Phase("reinforce", inputs.baseline, self.cfg.reinforce, NEXT_TOKEN)
+        for key, reason in inputs.anchors.dropped:  # logged once the run has started: checks print one line or none
+            log.info("anchor %r dropped: %s", key, reason)
         labeler = LabelerSpec(inputs.baseline, self._reinforced(inputs), inputs.forget_blocks, self.anchors, self.cfg.labels)
         return Phase("unlearn", inputs.baseline, self.cfg.unlearn, NEXT_TOKEN, teacher=labeler, keep_best=True)
 
