@@ -34,7 +34,7 @@ from engine.evaluation.suite import Suite, compare_to_oracle, evaluate_model, lo
 from engine.methods import METHODS, method_class
 from engine.methods.base import Method, RunInputs, TrainingSummary
 from engine.models import check_model_dir, check_tokenizer_fits, load_model, load_tokenizer, pick_device, torch_dtype
-from engine.training.checkpoints import check_resumable, latest_checkpoint, record_inputs
+from engine.training.checkpoints import check_resumable, latest_checkpoint, record_inputs, record_path
 from engine.training.job import PhaseResult, Runner, TrainJob
 from engine.training.runners.local import LocalRunner
 
@@ -272,6 +272,7 @@ def train_phase(cfg: RunConfig, run: RunDir, method: Method, name: str, checked:
     run.publish(name)
     if not cfg.engine.keep_checkpoints:
         shutil.rmtree(run.checkpoints(name), ignore_errors=True)
+        record_path(run.checkpoints(name)).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # only when no other phase keeps its checkpoints there
             run.checkpoints(name).parent.rmdir()
     return result, summary

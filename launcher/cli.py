@@ -338,8 +338,8 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _quiet_libraries()
     try:
+        _quiet_libraries()  # seconds of imports: a Ctrl-C here is an interruption like any other
         cli.main(args=argv, prog_name="obliviate", standalone_mode=False)
     except UserError as e:
         click.echo(f"obliviate: error: {e}", err=True)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -225,7 +226,7 @@ CHECKPOINT_FAULTS = {
     "latest-holds-garbage": (lambda c: (c / "latest").write_bytes(b"\xff\xfe\x00garbage"), "checkpoint"),
     "truncated-loop-state": (lambda c: _truncate(next((c / (c / "latest").read_text()).glob("loop-*.pt"))), "is damaged"),
     "truncated-backend-state": (lambda c: _truncate(c / (c / "latest").read_text() / "backend.pt"), "is damaged"),
-    "no-record": (lambda c: (c / "made-from.json").unlink(), "does not record what its checkpoints were made from"),
+    "no-record": (lambda c: c.with_name("unlearn.made-from.json").unlink(), "does not record what its checkpoints were made from"),
 }
 
 
@@ -451,3 +452,40 @@ def test_a_later_command_never_rewrites_the_finished_runs_record(world, finished
     assert code == 0, err
     assert (finished / "config.yaml").read_bytes() == record and (finished / "config-eval.yaml").is_file()
     assert checksums(finished / "unlearned") == models
+
+
+# ------------------------------------------------------------------------------------------------ signals
+
+
+def _spawn(world, run: Path, *extra) -> subprocess.Popen:
+    files = world["files"]
+    argv = [sys.executable, "-c", "from launcher.cli import main; main()", "reinforce", "--baseline", world["baseline"], "--target", files.saga, "--out", run, *TINY, *extra]
+    return subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_writes_nothing(world, tmp_path):
+    run = tmp_path / "run"
+    process = _spawn(world, run)
+    time.sleep(1.0)  # importing the libraries or checking the inputs
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "obliviate: interrupted", err
+    assert not run.exists()
+
+
+def test_ctrl_c_mid_step_checkpoints_and_resume_finishes(world, tmp_path):
+    run = tmp_path / "run"
+    process = _spawn(world, run, "reinforce.max_steps=200", "engine.checkpoint_every=1")
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "reinforce" / "latest").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.startswith("obliviate:")]
+    assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in err, err
+    assert not (run / "reinforced").exists()
+    code, err = _cli(["reinforce", "--baseline", world["baseline"], "--target", world["files"].saga, "--out", run, "--resume", *TINY, "reinforce.max_steps=200", "engine.checkpoint_every=1"])
+    assert code == 0, err
+    assert (run / "reinforced" / "model.safetensors").is_file()

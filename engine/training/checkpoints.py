@@ -29,7 +29,9 @@ def latest_step(root: Path) -> int:
     return int(path.name.removeprefix("step-")) if path is not None else 0
 
 
-RECORD = "made-from.json"  # beside the step directories: what the checkpoints were made from
+def record_path(root: Path) -> Path:
+    """What a phase's checkpoints were made from: `checkpoints/PHASE.made-from.json`, beside their folder."""
+    return Path(root).with_name(f"{Path(root).name}.made-from.json")
 
 
 def check_resumable(root: Path, made_from: dict) -> int:
@@ -50,7 +52,7 @@ def check_resumable(root: Path, made_from: dict) -> int:
     if not list(step_dir.glob("loop-*.pt")) or damaged:
         raise UserError(f"the checkpoint {step_dir} is damaged ({', '.join(sorted(damaged)[:3]) or 'no loop state'}): rerun without --resume to start the phase over")
     try:
-        recorded = json.loads((root / RECORD).read_text())
+        recorded = json.loads(record_path(root).read_text())
     except (OSError, ValueError):
         raise UserError(f"{root} does not record what its checkpoints were made from: rerun without --resume to start the phase over") from None
     for key in sorted(set(recorded) | set(made_from)):
@@ -64,10 +66,11 @@ def check_resumable(root: Path, made_from: dict) -> int:
 
 def record_inputs(root: Path, made_from: dict) -> None:
     """Write what the phase's checkpoints are made from (before the first one)."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{RECORD}.tmp"
+    record = record_path(root)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(f".{record.name}.tmp")
     tmp.write_text(json.dumps(made_from, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / RECORD)
+    os.replace(tmp, record)
 
 
 class Checkpoints:
