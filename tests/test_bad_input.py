@@ -489,3 +489,21 @@ def test_ctrl_c_mid_step_checkpoints_and_resume_finishes(world, tmp_path):
     code, err = _cli(["reinforce", "--baseline", world["baseline"], "--target", world["files"].saga, "--out", run, "--resume", *TINY, "reinforce.max_steps=200", "engine.checkpoint_every=1"])
     assert code == 0, err
     assert (run / "reinforced" / "model.safetensors").is_file()
+
+
+def test_a_process_killed_while_saving_a_checkpoint_resumes_from_the_last_whole_one(world, tmp_path):
+    """SIGKILL as soon as a checkpoint is being written (a `step-K.partial` folder exists): `latest` still names
+    a whole checkpoint, and `--resume` finishes."""
+    run = tmp_path / "run"
+    process = _spawn(world, run, "reinforce.max_steps=200", "engine.checkpoint_every=1")
+    root, deadline = run / "checkpoints" / "reinforce", time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (root / "latest").exists() and any(root.glob("step-*.partial")):
+            break
+        time.sleep(0.005)
+    process.kill()
+    process.communicate(timeout=60)
+    assert not (run / "reinforced").exists()
+    code, err = _cli(["reinforce", "--baseline", world["baseline"], "--target", world["files"].saga, "--out", run, "--resume", *TINY, "reinforce.max_steps=200", "engine.checkpoint_every=1"])
+    assert code == 0, err
+    assert (run / "reinforced" / "model.safetensors").is_file() and not list(root.parent.glob("*.partial"))
