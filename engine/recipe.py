@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
 import torch
@@ -237,7 +237,8 @@ def made_from(cfg: RunConfig, name: str, inputs: RunInputs) -> dict:
         "engine.workers": cfg.engine.workers,
     }
     labels = {key: value for key, value in asdict(cfg.labels).items() if key not in ("impl", "batch_size")}  # neither changes a label
-    for section, values in ((name, asdict(getattr(cfg, name))), ("labels", labels)):
+    training = asdict(getattr(cfg, name)) if is_dataclass(getattr(cfg, name, None)) else {}  # the phase's own section
+    for section, values in ((name, training), ("labels", labels)):
         record.update({f"{section}.{key}": value for key, value in values.items()})
     return record
 
