@@ -8,6 +8,7 @@ that match nothing or map to themselves, a malformed `--time`); usage, YAML and 
 """
 
 import hashlib
+import io
 import json
 import os
 import resource
@@ -16,12 +17,12 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 from transformers import BertConfig, BertForMaskedLM
 
-from builders import obliviate
 from test_cli import TINY, make_model_dir
 from engine.data.world import write_world
 
@@ -48,10 +49,8 @@ def finished(world):
 
 
 def _cli(argv):
+    """The CLI in this process: (exit code, stderr)."""
     from launcher.cli import main
-
-    import io
-    from contextlib import redirect_stderr, redirect_stdout
 
     err, out = io.StringIO(), io.StringIO()
     with redirect_stderr(err), redirect_stdout(out):
