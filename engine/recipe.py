@@ -195,15 +195,11 @@ def check_inputs(cfg: RunConfig, run: RunDir, method: Method, todo: list[str]) -
             raise UserError(f"labels.context_length={cfg.labels.context_length} exceeds the baseline's {positions} positions")
         target = _required(cfg.target, "target corpus", "--target")
         blocks = make_blocks(read_corpus(target), tokenizer, cfg.labels.context_length, name=f"target corpus {target}")
-    elif cfg.baseline:  # evaluation compares against it
-        baseline = check_model_dir(cfg.baseline, "baseline")
+    elif cfg.baseline:  # evaluation compares against it (checked with the other models to evaluate)
+        baseline = Path(cfg.baseline).expanduser()
     inputs = RunInputs(baseline, tokenizer, blocks, run.outputs, load_anchors(cfg.anchors) if cfg.anchors else None)
     method.prepare(todo, inputs)
-    suite = None
-    if "eval" in todo:
-        if cfg.oracle:
-            check_model_dir(cfg.oracle, "oracle")
-        suite = load_suite(cfg.eval, pick_device(cfg.device))
+    suite = load_suite(cfg.eval, pick_device(cfg.device)) if "eval" in todo else None
     return Checked(inputs, deepspeed, suite)
 
 
