@@ -13,6 +13,7 @@ import torch
 
 from configs.errors import UserError
 from engine.evaluation.inference import batches, inference, model_device, next_token_log_probs
+from engine.training.objectives import memorization_scores
 
 
 def memorization_accuracy(model, sequences: list[list[int]], prefix_length: int, batch_size: int = 8) -> list[float]:
@@ -24,9 +25,7 @@ def memorization_accuracy(model, sequences: list[list[int]], prefix_length: int,
     with inference(model):
         rows = next_token_log_probs(model, sequences, batch_size, "memorization accuracy")
         for seq, log_probs in zip(sequences, rows):
-            predicted = log_probs[prefix_length - 1 : -1].argmax(-1)
-            truth = torch.tensor(seq[prefix_length:], device=predicted.device)
-            scores.append((predicted == truth).float().mean().item())
+            scores.append(memorization_scores(log_probs[None], torch.tensor([seq]), prefix_length).item())
     return scores
 
 

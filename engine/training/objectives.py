@@ -34,6 +34,14 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
+def memorization_scores(logits: torch.Tensor, input_ids: torch.Tensor, prefix_length: int) -> torch.Tensor:
+    """Per row, the fraction of tokens after the first `prefix_length` that are the argmax next token given
+    the true text before them (teacher forcing): memorization accuracy, the score g(x) that the
+    memorization-aware methods select and stop by and the evaluation suite reports. [b, T, V], [b, T] → [b]."""
+    predicted = logits[:, prefix_length - 1 : -1].argmax(-1)
+    return (predicted == input_ids[:, prefix_length:].to(predicted.device)).float().mean(-1)
+
+
 def trained_tokens(targets: torch.Tensor) -> int:
     """Positions with a next-token label (all but the first of each block and the ignored ones)."""
     return int((targets[:, 1:] != IGNORE_INDEX).sum())
