@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Optional
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -82,6 +83,51 @@ class LabelConfig:
         _positive("labels.batch_size", self.batch_size)
         if self.impl not in ("auto", "reference", "chunked", "triton"):
             raise UserError(f"labels.impl must be auto, reference, chunked or triton, got {self.impl!r}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The direct methods' objectives (ga, graddiff, npo, simnpo; docs/methods.md)."""
+
+    retain_loss: str = "nll"  # the retain term of npo and simnpo: nll (GradDiff-style) | none; graddiff always uses nll
+    retain_weight: float = 1.0  # weight of the retain term against the forget term
+    beta: float = 0.1  # NPO / SimNPO inverse temperature
+    gamma: float = 0.0  # SimNPO reward margin
+
+    def validate(self) -> None:
+        if self.retain_loss not in ("nll", "none"):
+            raise UserError(f"loss.retain_loss must be nll or none, got {self.retain_loss!r}")
+        if self.retain_weight < 0:
+            raise UserError(f"loss.retain_weight must be >= 0, got {self.retain_weight}")
+        _positive("loss.beta", self.beta)
+        if self.gamma < 0:
+            raise UserError(f"loss.gamma must be >= 0, got {self.gamma}")
+
+
+@dataclass(frozen=True)
+class MemorizationConfig:
+    """Memorization-aware unlearning (sga, ta, tau): the score g(x), selection, stopping, task arithmetic.
+
+    g(x) is the greedy next-token accuracy after `prefix_length` tokens (teacher forced), the suite's
+    memorization accuracy. Unset levels take the method's defaults (docs/methods.md)."""
+
+    prefix_length: int = 32  # tokens of each block given before g is counted
+    select_threshold: float = 0.7  # τ: SGA/TAU ascend only on blocks with g >= τ (plus the most memorized one)
+    stop_level: Optional[float] = None  # stop once the mean g falls below this; unset: the baseline's mean g on eval.holdout_set
+    switch_level: Optional[float] = None  # TA/TAU: ascend until the mean g falls below this (unset: 0.9 TA, 0.5 TAU)
+    task_lambda: Optional[float] = None  # TA/TAU: θ_ref − λ·(θ_ft − θ_ref) (unset: 3 TA, 1 TAU)
+    rescore_every: int = 0  # optimizer steps between re-scorings of g (0: every epoch)
+
+    def validate(self) -> None:
+        _positive("memorization.prefix_length", self.prefix_length)
+        for key in ("select_threshold", "stop_level", "switch_level"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise UserError(f"memorization.{key} must be in [0, 1], got {value}")
+        if self.task_lambda is not None:
+            _positive("memorization.task_lambda", self.task_lambda)
+        if self.rescore_every < 0:
+            raise UserError(f"memorization.rescore_every must be >= 0, got {self.rescore_every}")
 
 
 @dataclass(frozen=True)
@@ -159,6 +205,10 @@ class EvalConfig:
     el_n: int = 10  # extraction likelihood EL_n (Jang et al. use n = 10)
     el_stride: int = 16  # EL_n evaluates every stride-th prefix (cost control)
     min_k: float = 0.2  # Min-K% Prob membership score
+    outlier_band: list[float] = field(default_factory=lambda: [0.15, 0.60])  # [low, high]: forget sequences with memorization accuracy <= low or >= high are outliers
+    perturbations: int = 4  # perturbed copies per sequence for the perturbation membership attack (0: no attack)
+    perturb_fraction: float = 0.15  # of a sequence's tokens (after the first) the attack resamples
+    perturb_span: int = 2  # tokens per resampled span
     context_length: int = 512  # perplexity window (tokens)
     batch_size: int = 8
 
@@ -173,6 +223,14 @@ class EvalConfig:
             raise UserError(f"eval.prefix_length ({self.prefix_length}) and eval.el_n ({self.el_n}) must be below eval.sequence_length ({self.sequence_length})")
         if not 0 < self.min_k <= 1:
             raise UserError(f"eval.min_k must be in (0, 1], got {self.min_k}")
+        band = list(self.outlier_band)
+        if len(band) != 2 or not all(isinstance(x, (int, float)) for x in band) or not 0 <= band[0] < band[1] <= 1:
+            raise UserError(f"eval.outlier_band must be two numbers [low, high] with 0 <= low < high <= 1, got {band}")
+        if self.perturbations < 0:
+            raise UserError(f"eval.perturbations must be >= 0, got {self.perturbations}")
+        if not 0 < self.perturb_fraction <= 1:
+            raise UserError(f"eval.perturb_fraction must be in (0, 1], got {self.perturb_fraction}")
+        _positive("eval.perturb_span", self.perturb_span)
         if self.task_limit < 0:
             raise UserError(f"eval.task_limit must be >= 0, got {self.task_limit}")
         _positive("eval.temperature", self.temperature)
@@ -212,19 +270,23 @@ class EngineConfig:
 @dataclass(frozen=True)
 class RunConfig:
     out: str = MISSING  # run directory
-    method: str = "whp"  # the unlearning method (engine/methods/): whp | ga
+    method: str = "whp"  # the unlearning method (engine/methods/): whp | ga | graddiff | npo | simnpo | sga | ta | tau
     sized_for: str = ""  # the Llama shape a ready-made config is sized for (kernels/device.py LLAMAS): what `plan` counts without a baseline
     baseline: str = ""  # Hugging Face causal-LM directory ("" in the demo: the world builds it)
     target: str = ""  # target corpus: .txt, .jsonl/.json with a "text" field, or a folder of those
     anchors: str = ""  # anchor dictionary, YAML or JSON: term -> [generic translations]
     reinforced: str = ""  # skip the reinforce phase and use this model
     oracle: str = ""  # a model that never saw the target, for comparison in the report
+    retain: str = ""  # retain corpus (same formats as target): general text the model must keep (graddiff; npo/simnpo's retain term)
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 (training keeps fp32 master weights either way)
     world: WorldConfig = field(default_factory=WorldConfig)
     reinforce: TrainConfig = field(default_factory=TrainConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
     unlearn: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, epochs=2))
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, epochs=1, val_fraction=0.0))  # TA/TAU: θ_ft from θ_ref
+    loss: LossConfig = field(default_factory=LossConfig)
+    memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -234,6 +296,9 @@ class RunConfig:
         self.eval.validate()
         self.reinforce.validate("reinforce")
         self.unlearn.validate("unlearn")
+        self.finetune.validate("finetune")
+        self.loss.validate()
+        self.memorization.validate()
         self.world.pretrain.validate("world.pretrain")
         self.world.validate()
         self.labels.validate()

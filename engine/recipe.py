@@ -197,7 +197,8 @@ def check_inputs(cfg: RunConfig, run: RunDir, method: Method, todo: list[str]) -
         blocks = make_blocks(read_corpus(target), tokenizer, cfg.labels.context_length, name=f"target corpus {target}")
     elif cfg.baseline:  # evaluation compares against it (checked with the other models to evaluate)
         baseline = Path(cfg.baseline).expanduser()
-    inputs = RunInputs(baseline, tokenizer, blocks, run.outputs, load_anchors(cfg.anchors) if cfg.anchors else None)
+    retain = make_blocks(read_corpus(cfg.retain), tokenizer, cfg.labels.context_length, name=f"retain corpus {cfg.retain}") if cfg.retain and blocks else []
+    inputs = RunInputs(baseline, tokenizer, blocks, run.outputs, load_anchors(cfg.anchors) if cfg.anchors else None, retain)
     method.prepare(todo, inputs)
     suite = load_suite(cfg.eval, pick_device(cfg.device)) if "eval" in todo else None
     return Checked(inputs, deepspeed, suite)
@@ -229,11 +230,14 @@ def made_from(cfg: RunConfig, name: str, inputs: RunInputs) -> dict:
         "target corpus": digest(inputs.forget_ids().numpy().tobytes()),
         "tokenizer": digest(json.dumps(sorted(inputs.tokenizer.get_vocab().items())).encode()),
         "anchors": digest(json.dumps(inputs.anchors.terms, sort_keys=True).encode()) if inputs.anchors else "",
+        "retain corpus": digest(json.dumps([block.input_ids for block in inputs.retain_blocks]).encode()) if inputs.retain_blocks else "",
         "dtype": cfg.dtype,
         "engine.workers": cfg.engine.workers,
     }
     labels = {key: value for key, value in asdict(cfg.labels).items() if key not in ("impl", "batch_size")}  # neither changes a label
     training = asdict(getattr(cfg, name)) if is_dataclass(getattr(cfg, name, None)) else {}  # the phase's own section
+    method = {f"{section}.{key}": value for section in ("loss", "memorization", "finetune") for key, value in asdict(getattr(cfg, section)).items()}
+    record.update(method)
     for section, values in ((name, training), ("labels", labels)):
         record.update({f"{section}.{key}": value for key, value in values.items()})
     return record
@@ -250,7 +254,7 @@ def train_phase(cfg: RunConfig, run: RunDir, method: Method, name: str, checked:
         phase=name,
         init=phase.init,
         train=phase.train,
-        input_ids=checked.inputs.forget_ids(),
+        input_ids=phase.examples if phase.examples is not None else checked.inputs.forget_ids(),
         objective=phase.objective,
         teacher=phase.teacher,
         save_to=run.staging(name, clear=not resume),
@@ -261,6 +265,8 @@ def train_phase(cfg: RunConfig, run: RunDir, method: Method, name: str, checked:
         dtype=cfg.dtype,
         device=cfg.device,
         deepspeed=checked.deepspeed,
+        selection=phase.selection,
+        task_arithmetic=phase.task_arithmetic,
     )
     result = runner.train(job, resume)
     summary = method.summary(result) if name == "unlearn" else None

@@ -10,7 +10,7 @@ import torch
 
 from builders import assert_one_line_error, obliviate
 from configs import TrainConfig
-from engine.methods.gradient_ascent import AscentLoss
+from engine.training.objectives import AscentLoss
 from engine.training.backends import TorchBackend
 from engine.training.objectives import NEXT_TOKEN
 from test_cli import TINY, world  # noqa: F401 - the module-scoped tiny world

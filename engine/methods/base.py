@@ -21,6 +21,7 @@ from engine.data.anchors import Anchors
 from engine.data.corpus import Block
 from engine.training.job import PhaseResult, TeacherSpec
 from engine.training.objectives import Objective
+from engine.training.selection import MemorizationSelection
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class Phase:
     objective: Objective
     teacher: TeacherSpec | None = None  # frozen models streaming per-block targets; None: the input ids
     keep_best: bool = False  # keep the weights of the lowest validation objective (else the final ones)
+    examples: torch.Tensor | None = None  # what it trains on: None = the forget blocks; or `RunInputs.bundles()`
+    selection: MemorizationSelection | None = None  # memorization-aware: which blocks steps ascend on, when to stop
+    task_arithmetic: tuple[Path, float] | None = None  # (θ_ref, λ): publish θ_ref − λ·(θ − θ_ref)
 
 
 @dataclass
@@ -44,9 +48,18 @@ class RunInputs:
     forget_blocks: list[Block]  # the target corpus cut into blocks: what the run makes the model forget
     outputs: dict[str, Path]  # each phase's output in the run directory
     anchors: Anchors | None  # the anchor dictionary, when the config names one (WHP needs it; evaluation reads its terms)
+    retain_blocks: list[Block] = field(default_factory=list)  # the retain corpus in blocks of the same length, when given
+    holdout_blocks: list[Block] = field(default_factory=list)  # unseen text like the target (eval.holdout_set), when given
 
     def forget_ids(self) -> torch.Tensor:
         return torch.tensor([block.input_ids for block in self.forget_blocks])
+
+    def bundles(self, seed: int) -> torch.Tensor:
+        """[B, 2, L]: each forget block with a retain block, drawn without repeats (cycling when there are
+        fewer retain blocks) by a seeded permutation, so a step descends on as many retain as forget blocks."""
+        order = torch.randperm(len(self.retain_blocks), generator=torch.Generator().manual_seed(seed))
+        retain = torch.tensor([self.retain_blocks[int(order[i % len(order)])].input_ids for i in range(len(self.forget_blocks))])
+        return torch.stack([self.forget_ids(), retain], dim=1)
 
 
 @dataclass(frozen=True)

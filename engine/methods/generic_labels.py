@@ -25,6 +25,7 @@ from configs.schema import LabelConfig
 from engine.data.corpus import Block
 from engine.data.label_sets import LabelSet, label_stats, merge_stats
 from engine.data.translation import Translation, translate_block
+from engine.training.job import forward_rounds
 from engine.models import IGNORE_INDEX, load_model, load_tokenizer, check_head_gives_logits, check_same_vocabulary, final_hidden_states, lm_head_weights
 from kernels.device import nvtx_range
 
@@ -190,7 +191,7 @@ class GenericLabeler:
         """Labels int64 [len(block_ids), L] for the trained α."""
         missing = sorted({int(i) for i in block_ids} - self.cache.keys())
         batches = [missing[first : first + self.cfg.batch_size] for first in range(0, len(missing), self.cfg.batch_size)]
-        rounds = self._rounds(len(batches))
+        rounds = forward_rounds(len(batches), self.shard_group, self.models[0].device)
         if rounds:
             start = time.perf_counter()
             baseline, reinforced = self.models
@@ -206,14 +207,6 @@ class GenericLabeler:
         if block_ids.numel() == 0:
             return torch.empty(0, len(self.blocks[0].input_ids), dtype=torch.long)
         return torch.stack([self.cache[int(i)][:, self.column] for i in block_ids]).long()
-
-    def _rounds(self, batches: int) -> int:
-        """Forward batches to run: this labeler's own, or the most any rank of its shard group needs."""
-        if self.shard_group is None:
-            return batches
-        most = torch.tensor([batches], device=self.models[0].device)
-        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.shard_group)
-        return int(most.item())
 
     def scalars(self) -> dict[str, float]:
         return {}

@@ -13,9 +13,16 @@ from typing import Callable, Protocol
 import torch
 
 from configs import TrainConfig
+from engine.models import load_model
 from engine.training.objectives import NEXT_TOKEN, Objective
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (input_ids [b, L], targets: one row per block, see objectives)
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (input_ids [b, L] or bundled [b, k, L], targets: one row per block, see objectives)
+
+
+def bundled_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits for [b, L] rows, or for bundled [b, k, L] rows in one forward pass: [b, (k,) L, V]."""
+    logits = model(input_ids=input_ids.reshape(-1, input_ids.shape[-1])).logits
+    return logits.view(*input_ids.shape, logits.shape[-1])
 
 
 @dataclass
@@ -38,6 +45,14 @@ class TrainBackend(Protocol):
 
     def eval_loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
         """(summed objective, its units) without gradients."""
+        ...
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The current model's logits in eval mode, without gradients (every rank calls it alike)."""
+        ...
+
+    def extrapolate_from(self, reference: Path, scale: float) -> None:
+        """Task arithmetic in place: θ ← θ_ref − scale·(θ − θ_ref), θ_ref the model directory `reference`."""
         ...
 
     def save(self, path: Path) -> None:
@@ -81,11 +96,24 @@ class TorchBackend:
     def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         enabled = self.autocast_dtype is not None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
-            return self.model(input_ids=input_ids.to(self.device)).logits
+            return bundled_logits(self.model, input_ids.to(self.device))
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        return self._logits(input_ids)
+
+    @torch.no_grad()
+    def extrapolate_from(self, reference: Path, scale: float) -> None:
+        theirs = dict(load_model(reference, "task-arithmetic reference", self.device).named_parameters())
+        for name, mine in self.model.named_parameters():
+            mine.copy_(theirs[name] - scale * (mine - theirs[name]))
 
     def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepStats:
         self.model.train()
         total_units = sum(self.objective.units(input_ids, targets) for input_ids, targets in micro_batches)
+        if total_units == 0:  # nothing selected (SGA): no update, not even the optimizer's momentum
+            return StepStats(loss=0.0, grad_norm=0.0, tokens=0)
         loss_sum = 0.0
         for input_ids, targets in micro_batches:
             loss = self.objective.loss_sum(self._logits(input_ids), input_ids.to(self.device), targets.to(self.device))

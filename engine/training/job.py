@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
+import torch.distributed
 from torch.utils.tensorboard import SummaryWriter
 
 from configs import TrainConfig
@@ -26,6 +27,7 @@ from engine.models import torch_dtype
 from engine.training.checkpoints import latest_step
 from engine.training.loop import FitResult, TargetSource, fit
 from engine.training.objectives import Objective
+from engine.training.selection import MemorizationSelection
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,16 @@ class Teacher(TargetSource, Protocol):
     def stats(self) -> dict:
         """What the teacher reports about its targets (WHP: label statistics), over the blocks it made."""
         ...
+
+
+def forward_rounds(batches: int, shard_group, device: torch.device) -> int:
+    """Forward batches a teacher runs for one request: its own, or — ranks of a ZeRO-3 shard group gather
+    each layer together — the most that any rank of its group needs (the others run dummy batches)."""
+    if shard_group is None:
+        return batches
+    most = torch.tensor([batches], device=device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX, group=shard_group)
+    return int(most.item())
 
 
 class TeacherSpec(Protocol):
@@ -60,7 +72,8 @@ class TeacherSpec(Protocol):
 
 @dataclass
 class TrainJob:
-    """One phase: fine-tune `init` on `input_ids` toward the teacher's targets (or the input ids)."""
+    """One phase: fine-tune `init` on `input_ids` ([B, L] blocks, or [B, 2, L] forget + retain bundles)
+    toward the teacher's targets (or the input ids)."""
 
     phase: str  # the tensorboard, checkpoint and progress name
     init: Path  # the model training starts from
@@ -76,6 +89,8 @@ class TrainJob:
     dtype: str = "float32"  # float32 | bfloat16 (bf16 on GPU only)
     device: str = "auto"
     deepspeed: dict[str, Any] = field(default_factory=dict)  # user JSON merged over the generated config
+    selection: MemorizationSelection | None = None  # memorization-aware: which blocks steps ascend on, when to stop
+    task_arithmetic: tuple[Path, float] | None = None  # (θ_ref, λ): save θ_ref − λ·(θ − θ_ref) instead of θ
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         return torch_dtype(self.dtype, device)
@@ -167,6 +182,7 @@ def fit_job(job: TrainJob, backend, targets: TargetSource | None, resume: bool, 
             backend, job.input_ids, targets if targets is not None else job.input_ids, job.train,
             save_to=job.save_to, keep_best=job.keep_best, writer=writer, desc=job.phase,
             checkpoint_dir=job.checkpoint_dir, checkpoint_every=job.checkpoint_every, resume=resume, stop=stop, progress=progress,
+            selection=job.selection, task_arithmetic=job.task_arithmetic,
         )
     finally:
         if writer is not None:

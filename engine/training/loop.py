@@ -23,6 +23,7 @@ from configs.errors import RunFailed
 from engine.training.backends import StepStats, TrainBackend
 from engine.training.checkpoints import Checkpoints
 from engine.training.schedule import Schedule, lr_at, pad_blocks
+from engine.training.selection import MemorizationSelection, Selector
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,13 @@ class FitResult:
     interrupted: bool = False  # stopped early by the `stop` flag, after checkpointing
     label_wait_seconds: float = 0.0  # spent waiting for targets (a teacher's queue)
     tokens: int = 0  # the objective's units over all ranks (trained tokens for token-level objectives)
+    # memorization-aware phases (`selection.Selector`): the current selection, the stop level, [step, mean g,
+    # selected] per re-scoring, blocks each step ascended on, whether the mean g fell below the stop level
+    selected: list[int] = field(default_factory=list)
+    stop_level: float | None = None
+    memorization: list[list[float]] = field(default_factory=list)
+    touched: list[int] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 class _Validation:
@@ -121,6 +129,8 @@ def fit(
     resume: bool = False,
     stop=None,
     progress: Callable[[int, int, float], None] | None = None,
+    selection: MemorizationSelection | None = None,
+    task_arithmetic: tuple[Path, float] | None = None,
 ) -> FitResult:
     """Train on [B, L] blocks; validate on a held-out split and save the best (or last) weights.
 
@@ -133,6 +143,9 @@ def fit(
     returns early) holds the step and RNG, so `resume` ends with the same weights as an uninterrupted run.
     `progress(step, total_steps, loss)` is called on rank 0 after each step, in place of the progress bar.
     A loss that turns non-finite ends the phase with `RunFailed`; the latest checkpoint stays.
+    With a `selection` (memorization-aware methods) steps ascend only on the selected blocks and the phase
+    ends early once the mean memorization falls below its stop level. `task_arithmetic = (θ_ref, λ)` turns
+    the final weights θ into θ_ref − λ·(θ − θ_ref) before they are saved.
     """
     rank = backend.rank
     targets_for = TensorTargets(targets) if isinstance(targets, torch.Tensor) else targets
@@ -147,10 +160,14 @@ def fit(
     if validate and first_step == 0:
         validation.run(0, result, save_to, writer, desc)
     bar = tqdm(total=total_steps, initial=first_step, desc=desc, unit="step", dynamic_ncols=True, disable=rank != 0 or progress is not None)
+    selector = Selector(selection, backend, input_ids, schedule, cfg.micro_batch_size, result) if selection else None
     for step, step_ids in schedule.steps(first_step):
+        if selector is not None and selector.stop_before(step):
+            log.info("%s: mean memorization %.3f below %.3f at step %d: stopping", desc, result.memorization[-1][1], result.stop_level, step)
+            break
         chosen = schedule.share(step_ids, rank)
         t_wait = time.perf_counter()
-        chosen_targets = targets_for(chosen)
+        chosen_targets = targets_for(chosen) if selector is None else selector.mask(chosen, targets_for(chosen), step_ids)
         t0 = time.perf_counter()
         result.label_wait_seconds += t0 - t_wait
         size = cfg.micro_batch_size
@@ -180,6 +197,8 @@ def fit(
             break
     bar.close()
     if not validate and save_to is not None and not result.interrupted:
+        if task_arithmetic is not None:
+            backend.extrapolate_from(*task_arithmetic)
         backend.save(save_to)
     result.seconds = time.perf_counter() - start
     log.info("%s: %d steps in %.1fs, final loss %.4f", desc, result.steps, result.seconds, result.losses[-1] if result.losses else float("nan"))

@@ -73,10 +73,12 @@ class Schedule:
             yield [self.share(step_ids, rank) for rank in range(self.world_size)]
 
 
-def pad_blocks(input_ids: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad with fully ignored blocks to `size`: under ZeRO-3 a rank with one forward call fewer deadlocks the others."""
+def pad_blocks(input_ids: torch.Tensor, targets: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad with rows that count nothing to `size` (labels -100, value targets NaN): under ZeRO-3 a rank with
+    one forward call fewer deadlocks the others."""
     pad = size - input_ids.shape[0]
-    return torch.cat([input_ids, input_ids.new_zeros(pad, input_ids.shape[1])]), torch.cat([labels, labels.new_full((pad, labels.shape[1]), IGNORE_INDEX)])
+    fill = float("nan") if targets.is_floating_point() else IGNORE_INDEX
+    return torch.cat([input_ids, input_ids.new_zeros(pad, *input_ids.shape[1:])]), torch.cat([targets, targets.new_full((pad, *targets.shape[1:]), fill)])
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:

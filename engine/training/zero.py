@@ -22,7 +22,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from configs import TrainConfig
-from engine.training.backends import MicroBatch, StepStats
+from engine.training.backends import MicroBatch, StepStats, bundled_logits
 from engine.training.objectives import NEXT_TOKEN, Objective
 
 # Consolidating a large model or a long evaluation can outlast the default 30 min collective timeout.
@@ -88,7 +88,8 @@ class DeepSpeedBackend:
     def __init__(self, model: PreTrainedModel, cfg: TrainConfig, ds_config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None = None, objective: Objective = NEXT_TOKEN):
         ensure_distributed()
         self.cfg, self.objective = cfg, objective
-        self.tokenizer = tokenizer
+        self.tokenizer, self.ds_config = tokenizer, ds_config
+        self.dtype = next(model.parameters()).dtype
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -100,7 +101,22 @@ class DeepSpeedBackend:
         return t.tolist()
 
     def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.engine(input_ids=input_ids.to(self.engine.device)).logits
+        return bundled_logits(self.engine, input_ids.to(self.engine.device))
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.engine.eval()
+        return self._logits(input_ids)
+
+    @torch.no_grad()
+    def extrapolate_from(self, reference: Path, scale: float) -> None:
+        """Task arithmetic on this rank's own ZeRO-3 partitions: the reference is built partitioned like the
+        trained model (same shapes, same world), so partition i of each is the same slice; nothing is gathered.
+        Only the weights change (the optimizer's master copy does not): it runs once, before the final save."""
+        theirs = dict(load_zero3_model(reference, self.ds_config, self.dtype).named_parameters())
+        for name, mine in self.engine.module.named_parameters():
+            partition, reference_partition = mine.ds_tensor, theirs[name].ds_tensor
+            partition.copy_(reference_partition - scale * (partition - reference_partition))
 
     def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepStats:
         """One optimizer update over this rank's micro-batches (any number; the last one is the boundary).
@@ -112,6 +128,8 @@ class DeepSpeedBackend:
         self.engine.train()
         local_units = sum(self.objective.units(input_ids, targets) for input_ids, targets in micro_batches)
         (global_units,) = self.all_reduce(local_units)
+        if global_units == 0:  # nothing selected on any rank (SGA): no update, the same on every rank
+            return StepStats(loss=0.0, grad_norm=0.0, tokens=0)
         scale = self.world_size / max(global_units, 1.0)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
