@@ -147,7 +147,7 @@ def check_paths(cfg: RunConfig, needed: tuple[str, ...] = ()) -> None:
     for role in ("baseline", "reinforced", "oracle"):
         if getattr(cfg, role):
             check_model_dir(getattr(cfg, role), role)
-    for role, path in (("target corpus", cfg.target), ("anchor dictionary", cfg.anchors), ("DeepSpeed config", cfg.engine.deepspeed)):
+    for role, path in (("target corpus", cfg.target), ("retain corpus", cfg.retain), ("anchor dictionary", cfg.anchors), ("DeepSpeed config", cfg.engine.deepspeed)):
         if path and not Path(path).expanduser().exists():
             raise UserError(f"{role} not found: {path}")
 

@@ -2,6 +2,8 @@
 
     obliviate demo                                  # tiny world, end to end on CPU
     obliviate run configs/whp.yaml --baseline DIR --target FILE --anchors FILE --out RUN --workers 8
+    obliviate compare configs/whp.yaml --methods whp,ga --baseline DIR --target FILE --anchors FILE --out RUN
+    obliviate compare --demo --methods whp,ga --out RUN             # the same on the tiny world
     obliviate reinforce --baseline DIR --target FILE --out RUN
     obliviate unlearn   --baseline DIR --target FILE --anchors FILE --out RUN   # uses RUN/reinforced
     obliviate labels    --baseline DIR --target FILE --anchors FILE --out RUN   # export, for inspection
@@ -113,6 +115,31 @@ def demo(args, overwrite, resume, **flags):
     models = {"baseline": Path(cfg.baseline), "unlearned": root / "unlearned", variant_name: Path(variant.out) / "unlearned"}
     made = {"unlearned": faithful.summary, variant_name: other.summary}
     recipe.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga", resume=resume, made=made)
+
+
+@cli.command(name="compare")
+@click.option("--methods", required=True, help="comma-separated methods to compare, e.g. whp,ga (registered names)")
+@click.option("--demo", is_flag=True, help="on the generated tiny world with configs/demo.yaml, like `obliviate demo`")
+@click.option("--suite", default="", help="evaluation suite YAML (the `eval` section: files, tasks, judge)")
+@run_options("baseline", "target", "anchors", "reinforced", "oracle")
+def compare_command(args, methods, demo, overwrite, resume, out, **flags):
+    """Several methods from the same baseline on the same data: each trains into RUN/METHOD on one runner,
+    then one evaluation of the baseline, every method and the oracle (RUN/metrics.json, RUN/report.md) and
+    the comparison: RUN/comparison.json, .md and .png (forgetting vs damage)."""
+    from engine import compare
+
+    names = compare.parse_methods(methods)
+    if demo and not out and not any(arg.startswith("out=") for arg in args):
+        out = "runs/compare"  # not demo.yaml's runs/demo, whose metrics.json is the demo's
+    cfg = _config(args, CONFIG_DIR / "demo.yaml" if demo else None, out=out, **flags)
+    plan = compare.claim(cfg, names, overwrite, resume)  # every run directory refused or kept before anything is built
+    if demo:
+        from engine.data.tiny import build_world, use_world
+
+        cfg = use_world(cfg, build_world(cfg.world))
+    compare.check(cfg, plan)
+    with _runner(cfg) as runner:
+        compare.run(cfg, plan, overwrite, resume, runner)
 
 
 @cli.command(name="run")

@@ -424,13 +424,18 @@ def _other_commands(world, tmp: Path) -> dict[str, tuple[list, str]]:
         "missing-deepspeed-json": (["unlearn", "--baseline", b, "--reinforced", b, "--target", t, "--anchors", a, "--out", tmp / "run", "engine.deepspeed=/nope.json", *TINY], "cannot read the DeepSpeed config"),
         "profile-plot-under-a-file": (["profile-kernel", "--shape", "64,96", "--tokens", "8", "--plot", tmp / "a-file" / "x.png", "--csv", tmp / "k.csv"], "is a file"),
         "unknown-method-for-run": (["run", "--baseline", b, "--target", t, "--out", tmp / "run", "method=nope"], "unknown method"),
+        "compare-unknown-method": (["compare", "--methods", "ga,nope", "--baseline", b, "--target", t, "--anchors", a, "--out", tmp / "run", *TINY], "unknown method 'nope': choose one of"),
+        "compare-empty-methods": (["compare", "--methods", "", "--baseline", b, "--target", t, "--anchors", a, "--out", tmp / "run", *TINY], "--methods is empty"),
+        "compare-duplicate-methods": (["compare", "--methods", "whp,ga,whp", "--baseline", b, "--target", t, "--anchors", a, "--out", tmp / "run", *TINY], "whp more than once"),
+        "compare-demo-out-is-a-file": (["compare", "--demo", "--methods", "ga,whp", "--out", tmp / "a-file"], "exists and is not a directory"),
     }
 
 
 OTHER = ["suggest-missing-baseline", "suggest-out-exists", "suggest-out-in-missing-dir", "suggest-top-k-0", "suggest-missing-general", "plan-nan", "plan-unknown-model",
          "plan-missing-config", "plan-gpu-mem-0", "logs-missing-run", "status-bad-job", "eval-missing-model", "eval-missing-suite", "bench-bad-workers", "bench-steps-0",
          "demo-nan", "demo-out-is-a-file", "labels-triton-without-interpreter", "unlearn-without-reinforced", "missing-deepspeed-json", "profile-plot-under-a-file",
-         "unknown-method-for-run"]
+         "unknown-method-for-run", "compare-unknown-method", "compare-empty-methods", "compare-duplicate-methods",
+         "compare-demo-out-is-a-file"]
 
 
 @pytest.mark.parametrize("case", OTHER)

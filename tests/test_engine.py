@@ -119,18 +119,44 @@ def test_two_zero3_workers_and_two_labelers_train_like_one_process_with_twice_th
     torch.testing.assert_close(model(PROBE).logits, live[0], rtol=0, atol=1e-5)
 
 
-def test_gradient_ascent_on_two_zero3_workers_trains_like_one_process_with_twice_the_batch(world, cluster, tmp_path, capsys):
-    """A method with no teacher, through both runners untouched: the same equivalence as WHP's unlearn phase."""
-    ascent = ["method=ga", "unlearn.lr=3e-4", "unlearn.val_fraction=0"]
-    args = ["--baseline", world["baseline"], "--target", world["files"].saga]
+DIRECT = {
+    "ga": [],
+    "npo": ["retain={general}"],  # a reference teacher streaming log-probabilities; forget + retain bundles
+    # about a fifth of the blocks selected at each of the 2 re-scorings
+    "sga": ["memorization.prefix_length=8", "memorization.select_threshold=0.3", "memorization.stop_level=0", "memorization.rescore_every=4"],
+}
+
+
+@pytest.fixture(scope="module")
+def memorizing(world, tmp_path_factory):
+    """A baseline that has memorized part of the saga (the random one memorized nothing for SGA to select)."""
+    out = tmp_path_factory.mktemp("memorizing") / "run"
+    from launcher.cli import main
+
+    main(["reinforce", "--baseline", str(world["baseline"]), "--target", str(world["files"].saga), "--out", str(out), "engine.workers=0", "reinforce.max_steps=40",
+          "reinforce.grad_accum=1", "reinforce.lr=1e-2", "reinforce.micro_batch_size=16", "reinforce.val_fraction=0", "labels.context_length=32"])
+    return out / "reinforced"
+
+
+@pytest.mark.parametrize("method", DIRECT)
+def test_direct_methods_on_two_zero3_workers_train_like_one_process_with_twice_the_batch(world, cluster, tmp_path, capsys, method, request):
+    """Methods other than WHP through both runners untouched: the same equivalence as WHP's unlearn phase
+    (NPO with its teacher and retain bundles; SGA with its re-scorings gathered over the ranks)."""
+    settings = [f"method={method}", "unlearn.lr=3e-4", "unlearn.val_fraction=0", *(s.format(general=world["files"].general) for s in DIRECT[method])]
+    baseline = request.getfixturevalue("memorizing") if method == "sga" else world["baseline"]
+    args = ["--baseline", baseline, "--target", world["files"].saga]
     reference, run = tmp_path / "reference", tmp_path / "run"
-    code, _, err = obliviate("unlearn", *args, "--out", reference, *COMMON, *REFERENCE, *ascent, capsys=capsys)
+    code, _, err = obliviate("unlearn", *args, "--out", reference, *COMMON, *REFERENCE, *settings, capsys=capsys)
     assert code == 0, err
-    code, _, err = obliviate("unlearn", *args, "--out", run, *COMMON, *ENGINE, *ascent, capsys=capsys)
+    code, _, err = obliviate("unlearn", *args, "--out", run, *COMMON, *ENGINE, *settings, capsys=capsys)
     assert code == 0, err
     got, want = summary(run), summary(reference)
-    assert got["method"] == want["method"] == "ga" and got["workers"] == 2 and got["steps"] == want["steps"] == STEPS
+    assert got["method"] == want["method"] == method and got["workers"] == 2 and got["steps"] == want["steps"] == STEPS
     assert got["final_loss"] == pytest.approx(want["final_loss"], rel=1e-5)
+    if method == "sga":  # the same selections whatever the world size, and steps that touched selected blocks only
+        assert [row[2] for row in got["memorization"]] == [row[2] for row in want["memorization"]] and len(got["memorization"]) == 2
+        assert [row[1] for row in got["memorization"]] == pytest.approx([row[1] for row in want["memorization"]])
+        assert got["blocks_touched"] == want["blocks_touched"] > 0
     assert_same_weights(run, reference)
 
 
@@ -304,3 +330,28 @@ def test_a_teachers_input_error_is_one_line_and_not_retried(world, cluster, tmp_
     assert "restarting" not in (tmp_path / "run" / "run.log").read_text()
     assert not (tmp_path / "run" / "unlearned").exists()
 
+
+
+def _extrapolated(init: Path, reference: Path, scale: float, out: Path) -> None:
+    """On each rank: θ (init) as a ZeRO-3 backend, then θ_ref − λ·(θ − θ_ref) on its own partitions, saved consolidated."""
+    from configs import TrainConfig
+    from engine.training.zero import DeepSpeedBackend, ds_config_for, load_zero3_model
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(micro_batch_size=2, grad_accum=1)
+    ds_config = ds_config_for(cfg, 2)
+    backend = DeepSpeedBackend(load_zero3_model(init, ds_config), cfg, ds_config)
+    backend.extrapolate_from(reference, scale)
+    backend.save(out)
+
+
+def test_task_arithmetic_on_zero3_partitions_equals_it_on_the_consolidated_model(world, memorizing, cluster, tmp_path):
+    with TrainerGroup(2) as group:
+        group.run(_extrapolated, memorizing, world["baseline"], 3.0, tmp_path / "merged", timeout=300)
+    tuned = load_file(memorizing / "model.safetensors")
+    reference = load_file(Path(world["baseline"]) / "model.safetensors")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert merged.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(merged[name], value - 3.0 * (tuned[name] - value), rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(tuned[name], value) for name, value in reference.items())

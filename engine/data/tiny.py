@@ -129,6 +129,7 @@ def use_world(cfg: RunConfig, world: World) -> RunConfig:
         "baseline": world.baseline,
         "oracle": world.oracle,
         "target": world.files.saga,
+        "retain": world.files.general,
         "anchors": world.files.anchors,
         "eval.probes": world.files.probes,
         "eval.completions": world.files.completions,

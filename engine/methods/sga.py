@@ -57,7 +57,7 @@ class SGA(GradientAscent):
 
     def phase(self, name: str, inputs: RunInputs) -> Phase:
         m = self.cfg.memorization
-        selection = MemorizationSelection(m.prefix_length, m.select_threshold, m.stop_level, m.rescore_every, self.holdout)
+        selection = MemorizationSelection(m.prefix_length, m.select_threshold, m.stop_level, m.rescore_every, self.holdout, self.cfg.eval.batch_size)
         return Phase("unlearn", inputs.baseline, self.cfg.unlearn, self.objective(), selection=selection)
 
     def summary(self, result: PhaseResult) -> TrainingSummary:

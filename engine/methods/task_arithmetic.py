@@ -15,6 +15,7 @@ from typing import ClassVar
 from engine.methods.base import Phase, RunInputs, TrainingSummary
 from engine.methods.gradient_ascent import GradientAscent
 from engine.methods.sga import check_prefix
+from engine.models import check_model_dir
 from engine.training.job import PhaseResult
 from engine.training.objectives import NEXT_TOKEN
 from engine.training.selection import MemorizationSelection
@@ -31,12 +32,14 @@ class TaskArithmetic(GradientAscent):
 
     def prepare(self, todo: list[str], inputs: RunInputs) -> None:
         check_prefix(self.cfg)
+        if "unlearn" in todo and "ascend" not in todo:
+            check_model_dir(inputs.outputs["ascend"], "ascended")
 
     def phase(self, name: str, inputs: RunInputs) -> Phase:
         m = self.cfg.memorization
         if name == "ascend":
             switch = self.switch_level if m.switch_level is None else m.switch_level
-            selection = MemorizationSelection(m.prefix_length, m.select_threshold if self.selective else 0.0, switch, m.rescore_every)
+            selection = MemorizationSelection(m.prefix_length, m.select_threshold if self.selective else 0.0, switch, m.rescore_every, batch_size=self.cfg.eval.batch_size)
             return Phase("ascend", inputs.baseline, self.cfg.unlearn, self.objective(), selection=selection)
         scale = self.task_lambda if m.task_lambda is None else m.task_lambda
         ascended = inputs.outputs["ascend"]

@@ -160,7 +160,7 @@ def fit(
     if validate and first_step == 0:
         validation.run(0, result, save_to, writer, desc)
     bar = tqdm(total=total_steps, initial=first_step, desc=desc, unit="step", dynamic_ncols=True, disable=rank != 0 or progress is not None)
-    selector = Selector(selection, backend, input_ids, schedule, cfg.micro_batch_size, result) if selection else None
+    selector = Selector(selection, backend, input_ids, schedule, result) if selection else None
     for step, step_ids in schedule.steps(first_step):
         if selector is not None and selector.stop_before(step):
             log.info("%s: mean memorization %.3f below %.3f at step %d: stopping", desc, result.memorization[-1][1], result.stop_level, step)

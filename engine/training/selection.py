@@ -34,14 +34,15 @@ class MemorizationSelection:
     stop_level: float | None  # stop once the mean g < this; None: the initial model's mean g on holdout_ids
     every: int = 0  # steps between re-scorings (0: every epoch)
     holdout_ids: torch.Tensor | None = None  # [n, L] unseen blocks for the default stop level
+    batch_size: int = 8  # blocks per scoring forward pass
 
-    def scores(self, backend, input_ids: torch.Tensor, block_ids: torch.Tensor, micro_batch_size: int) -> torch.Tensor:
+    def scores(self, backend, input_ids: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         """g of each block in `block_ids` (forget part of bundled rows), the same tensor on every rank."""
         share = math.ceil(block_ids.numel() / backend.world_size)
         mine = block_ids[backend.rank * share : (backend.rank + 1) * share]
         local = torch.zeros(block_ids.numel(), dtype=torch.float64)
-        for first in range(0, share, micro_batch_size):  # every rank runs as many forwards (ZeRO-3 gathers)
-            chunk = mine[first : first + micro_batch_size]
+        for first in range(0, share, self.batch_size):  # every rank runs as many forwards (ZeRO-3 gathers)
+            chunk = mine[first : first + self.batch_size]
             rows = input_ids[chunk if chunk.numel() else block_ids[:1]]
             rows = rows[:, 0] if rows.dim() == 3 else rows
             g = memorization_scores(backend.logits(rows), rows, self.prefix_length).cpu()
@@ -49,11 +50,10 @@ class MemorizationSelection:
             local[start : start + chunk.numel()] = g[: chunk.numel()].double()
         return torch.tensor(backend.all_reduce(*local.tolist()), dtype=torch.float64)
 
-    def default_stop_level(self, backend, micro_batch_size: int) -> float:
+    def default_stop_level(self, backend) -> float:
         if self.stop_level is not None:
             return self.stop_level
-        ids = torch.arange(self.holdout_ids.shape[0])
-        return float(self.scores(backend, self.holdout_ids, ids, micro_batch_size).mean())
+        return float(self.scores(backend, self.holdout_ids, torch.arange(self.holdout_ids.shape[0])).mean())
 
     def decide(self, scores: torch.Tensor, block_ids: torch.Tensor, n_blocks: int, stop_level: float) -> Decision:
         chosen = block_ids[scores >= self.threshold]
@@ -69,9 +69,8 @@ class Selector:
     """`fit`'s side of a `MemorizationSelection`: re-scores on schedule, masks the targets of unselected
     blocks (they count nothing), and records in the `FitResult` what it decided, so a resumed run decides alike."""
 
-    def __init__(self, selection: MemorizationSelection, backend, input_ids: torch.Tensor, schedule, micro_batch_size: int, result) -> None:
+    def __init__(self, selection: MemorizationSelection, backend, input_ids: torch.Tensor, schedule, result) -> None:
         self.selection, self.backend, self.input_ids, self.schedule, self.result = selection, backend, input_ids, schedule, result
-        self.micro_batch_size = micro_batch_size
         self.every = selection.every or schedule.steps_per_epoch
         self.selected = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         self.selected[torch.tensor(result.selected, dtype=torch.long)] = True
@@ -82,8 +81,8 @@ class Selector:
             return False
         result = self.result
         if result.stop_level is None:
-            result.stop_level = self.selection.default_stop_level(self.backend, self.micro_batch_size)
-        scores = self.selection.scores(self.backend, self.input_ids, self.schedule.train_ids, self.micro_batch_size)
+            result.stop_level = self.selection.default_stop_level(self.backend)
+        scores = self.selection.scores(self.backend, self.input_ids, self.schedule.train_ids)
         decision = self.selection.decide(scores, self.schedule.train_ids, self.input_ids.shape[0], result.stop_level)
         self.selected = decision.selected
         result.selected = decision.selected.nonzero().squeeze(1).tolist()
