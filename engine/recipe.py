@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -235,10 +235,9 @@ def made_from(cfg: RunConfig, name: str, inputs: RunInputs) -> dict:
         "engine.workers": cfg.engine.workers,
     }
     labels = {key: value for key, value in asdict(cfg.labels).items() if key not in ("impl", "batch_size")}  # neither changes a label
-    training = asdict(getattr(cfg, name)) if is_dataclass(getattr(cfg, name, None)) else {}  # the phase's own section
-    method = {f"{section}.{key}": value for section in ("loss", "memorization", "finetune") for key, value in asdict(getattr(cfg, section)).items()}
-    record.update(method)
-    for section, values in ((name, training), ("labels", labels)):
+    section = method_class(cfg.method).train_sections.get(name, "")  # the phase's TrainConfig (exports have none)
+    training = asdict(getattr(cfg, section)) if section else {}
+    for section, values in ((section, training), ("labels", labels), ("loss", asdict(cfg.loss)), ("memorization", asdict(cfg.memorization))):
         record.update({f"{section}.{key}": value for key, value in values.items()})
     return record
 

@@ -70,6 +70,7 @@ def run_options(*names: str):
         "anchors": "anchor dictionary (YAML or JSON: term -> [translations])",
         "reinforced": "reinforced model directory (default: RUN/reinforced)",
         "oracle": "a model that never saw the target, for comparison",
+        "retain": "retain corpus (formats as --target): general text the model must keep (graddiff; npo/simnpo's retain term)",
     }
 
     def decorate(fn):
@@ -143,7 +144,7 @@ def compare_command(args, methods, demo, overwrite, resume, out, **flags):
 
 
 @cli.command(name="run")
-@run_options("baseline", "target", "anchors", "reinforced", "oracle")
+@run_options("baseline", "target", "anchors", "reinforced", "oracle", "retain")
 def run_command(args, overwrite, resume, **flags):
     """All phases of the method (`method:`, default whp: reinforce — skipped when --reinforced is given —
     and unlearn on generic labels), then eval."""
@@ -168,7 +169,7 @@ def _phase_command(name: str, help: str, flags: tuple[str, ...]) -> None:
 
 
 _phase_command("reinforce", "Fine-tune the baseline further on the target corpus (RUN/reinforced).", ("baseline", "target"))
-_phase_command("unlearn", "Fine-tune the baseline on generic labels that a labeler makes from the baseline and RUN/reinforced (or --reinforced) while it trains (RUN/unlearned).", ("baseline", "target", "anchors", "reinforced"))
+_phase_command("unlearn", "Fine-tune the baseline on generic labels that a labeler makes from the baseline and RUN/reinforced (or --reinforced) while it trains (RUN/unlearned); other methods (method=...) their own unlearn phase.", ("baseline", "target", "anchors", "reinforced", "retain"))
 _phase_command("labels", "Export the generic labels of every block into RUN/labels, for inspection (unlearn makes its own).", ("baseline", "target", "anchors", "reinforced"))
 
 

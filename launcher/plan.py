@@ -46,6 +46,7 @@ import torch
 
 from configs import RunConfig, load_config
 from configs.errors import UserError, first_line
+from engine.methods import method_class
 from kernels.device import LLAMAS, extra_bytes_estimate
 
 GIB = float(1 << 30)
@@ -136,18 +137,20 @@ def trainer_activations_bytes(shape: Shape, tokens: int, width: int = 2) -> tupl
     return shape.layers * per_token_layer * tokens * width // 2, LOGIT_BYTES * shape.vocab * tokens
 
 
-def labeler_bytes(shape: Shape, tokens: int, impl: str, alphas: int, width: int = 2, shards: int = 1) -> tuple[int, int, int]:
-    """(two frozen models — this GPU's 1/shards of them, plus what ZeRO-3 holds gathered when sharded —,
-    one forward's activations + both final hidden states, label kernel workspace)."""
-    models = 2 * shape.params * width // shards
+def labeler_bytes(shape: Shape, tokens: int, impl: str, alphas: int, width: int = 2, shards: int = 1, models: int = 2, kernel: bool = True) -> tuple[int, int, int]:
+    """(the frozen models — this GPU's 1/shards of them, plus what ZeRO-3 holds gathered when sharded —,
+    one forward's activations + the models' final hidden states, label kernel workspace — or, for a teacher
+    without the kernel (NPO's reference), the fp32 logits and log-probabilities of one batch)."""
+    held = models * shape.params * width // shards
     if shards > 1:
         head = shape.vocab * shape.hidden
         layer = (shape.params - 2 * head) // shape.layers
-        models += (2 * head + 2 * layer) * width
-    forward = tokens * width * (4 * shape.hidden + 3 * shape.intermediate) + 2 * tokens * shape.hidden * width
+        held += models * (head + layer) * width
+    forward = tokens * width * (4 * shape.hidden + 3 * shape.intermediate) + models * tokens * shape.hidden * width
+    if not kernel:
+        return held, forward, 2 * 4 * tokens * shape.vocab
     dtype = torch.bfloat16 if width == 2 else torch.float32
-    kernel = extra_bytes_estimate(impl, tokens, shape.hidden, shape.vocab, dtype, alphas, FORBIDDEN_PER_ROW)
-    return models, forward, kernel
+    return held, forward, extra_bytes_estimate(impl, tokens, shape.hidden, shape.vocab, dtype, alphas, FORBIDDEN_PER_ROW)
 
 
 # ---------------------------------------------------------------- the plan
@@ -169,7 +172,7 @@ class Plan:
     gpus_per_node: int
     gpu_mem_gib: float
     workers: int
-    labelers: int
+    labelers: int  # teacher processes (0 when the method has none)
     labeler_shards: int
     block: int
     label_batch: int
@@ -184,6 +187,11 @@ class Plan:
     labeler_forward_gib: float
     labeler_kernel_gib: float
     min_nodes: int | None  # smallest node count whose trainer fits (workers = nodes·gpus_per_node − labelers)
+    method: str = "whp"
+    teacher_role: str = "labeler"  # how the method's teacher processes are named ("" without teachers)
+    teacher_models: tuple[str, ...] = ("baseline", "reinforced")  # the frozen models each one holds
+    rows_per_block: int = 1  # 2 when each forget block is bundled with a retain block
+    trainer_frozen_gib: float = 0.0  # frozen models a trainer rank holds partitioned (TA/TAU's θ_ref)
     offload: list[Offload] = field(default_factory=list)  # only when the trainer does not fit
     max_micro_batch: int = 0  # largest micro-batch that fits this layout when the configured one does not
 
@@ -202,7 +210,7 @@ class Plan:
 
     @property
     def trainer_gib(self) -> float:
-        return self.trainer_states_gib + self.trainer_layers_gib + self.trainer_loss_gib
+        return self.trainer_states_gib + self.trainer_frozen_gib + self.trainer_layers_gib + self.trainer_loss_gib
 
     @property
     def labeler_gib(self) -> float:
@@ -225,8 +233,8 @@ class Plan:
         where = f"{_nodes(self.nodes)} × {self.gpus_per_node} GPUs × {self.gpu_mem_gib:g} GiB"
         usable = f"{self.usable_gib:.1f} usable"
         if self.fits:
-            text = (f"fits on {where}: trainer {self.trainer_gib:.1f} GiB, labeler {self.labeler_gib:.1f} GiB per GPU"
-                    f" of {usable}")
+            teacher = f", {self.teacher_role} {self.labeler_gib:.1f} GiB" if self.labelers else ""
+            text = f"fits on {where}: trainer {self.trainer_gib:.1f} GiB{teacher} per GPU of {usable}"
             idle = self.nodes * self.gpus_per_node - self.workers - self.labelers
             return text + (f"; {idle} GPU(s) idle (engine.workers={self.workers + idle} would use them)" if idle else "")
         parts = []
@@ -241,7 +249,7 @@ class Plan:
             parts.append(part)
         if not self.labeler_fits:
             fix = "raise engine.labeler_shards" if self.labeler_models_gib > self.usable_gib else "lower labels.batch_size"
-            parts.append(f"a labeler needs {self.labeler_gib:.1f} GiB of {usable}: {fix}")
+            parts.append(f"a {self.teacher_role} needs {self.labeler_gib:.1f} GiB of {usable}: {fix}")
         return f"does not fit on {where}: " + "; ".join(parts)
 
 
@@ -251,18 +259,22 @@ def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_g
         raise UserError(f"a cluster needs at least 1 node and 1 GPU per node, got {nodes} node(s) × {gpus_per_node} GPU(s)")
     if not (gpu_mem_gib > 0 and math.isfinite(gpu_mem_gib)):
         raise UserError(f"GPU memory must be a positive number of GiB, got {gpu_mem_gib}")
+    method = method_class(cfg.method)(cfg)
     engine, total = cfg.engine, nodes * gpus_per_node
-    workers, labelers, shards = engine.workers, engine.labelers, engine.labeler_shards
+    workers, shards = engine.workers, engine.labeler_shards
+    labelers = engine.labelers if method.teacher_models else 0  # a method without teachers starts none
     if labelers >= total:
         raise UserError(f"engine.labelers={labelers} leaves no GPU for the trainer on {nodes} node(s) × {gpus_per_node} GPUs")
     if workers < 1:
         raise UserError(f"engine.workers={workers} trains in this process without DeepSpeed: plan needs trainer ranks "
                         f"(engine.workers={total - labelers} uses every GPU that is not a labeler)")
     width = 2 if cfg.dtype == "bfloat16" else 4
-    models_gib = 2 * shape.params * width / GIB
+    models = len(method.teacher_models)
+    models_gib = models * shape.params * width / GIB
     if models_gib / shards > gpu_mem_gib:
         least = math.ceil(models_gib / (gpu_mem_gib * (1 - HEADROOM)))
-        raise UserError(f"{shape.name}: a labeler holds {'its' if shards == 1 else f'1/{shards} of its'} two frozen {cfg.dtype} models "
+        held = f"two frozen {cfg.dtype} models" if models == 2 else f"frozen {cfg.dtype} model"
+        raise UserError(f"{shape.name}: a {method.teacher_role} holds {'its' if shards == 1 else f'1/{shards} of its'} {held} "
                         f"({models_gib / shards:.1f} GiB > {gpu_mem_gib:g} GiB a GPU): shard them with engine.labeler_shards={least} "
                         f"or more (engine.labelers a multiple of it)")
     if workers + labelers > total:
@@ -272,18 +284,23 @@ def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_g
 
     usable = gpu_mem_gib * (1 - HEADROOM)
     block = cfg.labels.context_length
-    batches = {"unlearn": (cfg.unlearn.micro_batch_size, cfg.unlearn.grad_accum)}
-    if not cfg.reinforced:
-        batches = {"reinforce": (cfg.reinforce.micro_batch_size, cfg.reinforce.grad_accum), **batches}
+    phases = [phase for phase in method.phases if not (phase == "reinforce" and cfg.reinforced)]
+    batches = {phase: (getattr(cfg, method.train_sections[phase]).micro_batch_size, getattr(cfg, method.train_sections[phase]).grad_accum) for phase in phases}
     micro = max(m for m, _ in batches.values())
+    rows = 2 if method.uses_retain else 1  # bundled forget + retain blocks
+
+    def frozen_gib(ranks: int) -> float:
+        return method.trainer_frozen_models * shape.params * width / ranks / GIB
 
     def trainer_total(ranks: int, micro_batch: int, offload=(False, False)) -> float:
-        layers, loss = trainer_activations_bytes(shape, micro_batch * block, width)
-        return zero3_states_gib(shape, ranks, *offload)[0] + (layers + loss) / GIB
+        layers, loss = trainer_activations_bytes(shape, micro_batch * block * rows, width)
+        return zero3_states_gib(shape, ranks, *offload)[0] + frozen_gib(ranks) + (layers + loss) / GIB
 
     states_gib, cpu_per_rank = zero3_states_gib(shape, workers)
-    layers_b, loss_b = trainer_activations_bytes(shape, micro * block, width)
-    models_b, forward_b, kernel_b = labeler_bytes(shape, cfg.labels.batch_size * block, cfg.labels.impl, len(cfg.labels.alphas), width, shards)
+    layers_b, loss_b = trainer_activations_bytes(shape, micro * block * rows, width)
+    models_b, forward_b, kernel_b = labeler_bytes(shape, cfg.labels.batch_size * block, cfg.labels.impl, len(cfg.labels.alphas), width, shards, models, method.teacher_role == "labeler")
+    if not labelers:
+        models_b = forward_b = kernel_b = 0
     min_nodes = next((n for n in range(1, MAX_NODES + 1)
                       if n * gpus_per_node > labelers and trainer_total(n * gpus_per_node - labelers, micro) <= usable), None)
     result = Plan(
@@ -293,7 +310,8 @@ def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_g
         trainer_states_gib=states_gib, trainer_layers_gib=layers_b / GIB, trainer_loss_gib=loss_b / GIB,
         trainer_cpu_gib_per_node=cpu_per_rank * min(workers, gpus_per_node),
         labeler_models_gib=models_b / GIB, labeler_forward_gib=forward_b / GIB, labeler_kernel_gib=kernel_b / GIB,
-        min_nodes=min_nodes,
+        min_nodes=min_nodes, method=cfg.method, teacher_role=method.teacher_role, teacher_models=method.teacher_models,
+        rows_per_block=rows, trainer_frozen_gib=frozen_gib(workers),
     )
     if not result.trainer_fits:
         per_node = min(workers, gpus_per_node)
@@ -312,19 +330,24 @@ def format_plan(p: Plan) -> str:
     yes = {True: "yes", False: "NO"}
     rows = [
         (f"trainer: ZeRO-3 model states over {p.workers} ranks", p.trainer_states_gib, ""),
-        (f"trainer: activations, {p.micro_batch} × {p.block} tokens", p.trainer_layers_gib, ""),
+        *([(f"trainer: frozen θ_ref for task arithmetic, 1/{p.workers} ({p.dtype})", p.trainer_frozen_gib, "")] if p.trainer_frozen_gib else []),
+        (f"trainer: activations, {p.micro_batch} × {p.rows_per_block * p.block} tokens", p.trainer_layers_gib, ""),
         (f"trainer: logits + loss ({s.vocab:,} vocab)", p.trainer_loss_gib, ""),
         ("trainer: total per GPU", p.trainer_gib, yes[p.trainer_fits]),
-        (f"labeler: baseline + reinforced ({p.dtype})" + (f", 1/{p.labeler_shards} + gathered head/layers (ZeRO-3)" if p.labeler_shards > 1 else ""), p.labeler_models_gib, ""),
-        (f"labeler: forward, {p.label_batch} × {p.block} tokens", p.labeler_forward_gib, ""),
-        (f"labeler: label kernel ({p.label_impl})", p.labeler_kernel_gib, ""),
-        ("labeler: total per GPU", p.labeler_gib, yes[p.labeler_fits]),
     ]
+    role = p.teacher_role
+    if p.labelers:
+        rows += [
+            (f"{role}: {' + '.join(p.teacher_models)} ({p.dtype})" + (f", 1/{p.labeler_shards} + gathered head/layers (ZeRO-3)" if p.labeler_shards > 1 else ""), p.labeler_models_gib, ""),
+            (f"{role}: forward, {p.label_batch} × {p.block} tokens", p.labeler_forward_gib, ""),
+            (f"{role}: label kernel ({p.label_impl})" if role == "labeler" else f"{role}: fp32 logits + log-probabilities", p.labeler_kernel_gib, ""),
+            (f"{role}: total per GPU", p.labeler_gib, yes[p.labeler_fits]),
+        ]
     width = max(len(r[0]) for r in rows)
     lines = [
         f"{s.name}: {s.params / 1e9:.2f}B parameters (hidden {s.hidden}, {s.layers} layers, {s.heads}/{s.kv_heads} heads, vocab {s.vocab:,})",
         f"cluster: {_nodes(p.nodes)} × {p.gpus_per_node} GPUs × {p.gpu_mem_gib:g} GiB ({p.usable_gib:.1f} GiB usable, "
-        f"{HEADROOM:.0%} headroom); {p.workers} trainer ranks + {p.labelers} labeler{'s' * (p.labelers > 1)}, one GPU each"
+        f"{HEADROOM:.0%} headroom); method {p.method}: {p.workers} trainer ranks" + (f" + {p.labelers} {role}{'s' * (p.labelers > 1)}" if p.labelers else ", no teachers") + ", one GPU each"
         + (f" (ZeRO-3 groups of {p.labeler_shards})" if p.labeler_shards > 1 else ""),
         "",
         f"{'component':<{width}}  {'GiB/GPU':>8}  fits?",

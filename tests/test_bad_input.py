@@ -76,9 +76,11 @@ def assert_refused(code, err, expected_code, fragment):
 # ------------------------------------------------------------------------------------------------ numbers
 
 FLOATS = [f"{phase}.{key}" for phase in ("reinforce", "unlearn") for key in ("lr", "epochs", "weight_decay", "grad_clip", "val_fraction")]
-FLOATS += ["labels.alpha", "eval.temperature", "eval.top_p", "eval.min_k", "engine.label_timeout_s", "world.size", "world.pretrain.lr"]
+FLOATS += ["loss.beta", "loss.retain_weight", "memorization.select_threshold", "memorization.stop_level", "memorization.task_lambda"]
+FLOATS += ["labels.alpha", "eval.temperature", "eval.top_p", "eval.min_k", "eval.perturb_fraction", "engine.label_timeout_s", "world.size", "world.pretrain.lr"]
 NON_FINITE = [(f"{key}={value}", f"{key} must be a finite number") for key in FLOATS for value in ("nan", "inf", "-inf")]
 NON_FINITE += [("labels.alpha_multipliers=[1.0,nan]", "labels.alpha_multipliers must be a finite number")]
+NON_FINITE += [("eval.outlier_band=[0.15,nan]", "eval.outlier_band must be a finite number")]
 OUT_OF_RANGE = [
     ("unlearn.lr=0", "unlearn.lr must be > 0"),
     ("reinforce.lr=-1e-5", "reinforce.lr must be > 0"),
@@ -103,11 +105,27 @@ OUT_OF_RANGE = [
     ("eval.min_k=0", "eval.min_k must be in (0, 1]"),
     ("eval.batch_size=0", "eval.batch_size must be > 0"),
     ("eval.judge=gpt", "eval.judge must be rule or llm"),
+    ("eval.outlier_band=[0.6,0.15]", "eval.outlier_band must be two numbers [low, high] with 0 <= low < high <= 1"),
+    ("eval.outlier_band=[0.15]", "eval.outlier_band must be two numbers"),
+    ("eval.perturbations=-1", "eval.perturbations must be >= 0"),
+    ("eval.perturb_fraction=1.5", "eval.perturb_fraction must be in (0, 1]"),
+    ("eval.perturb_span=0", "eval.perturb_span must be > 0"),
     ("world.model.num_heads=3", "must be a multiple of world.model.num_heads"),
     ("world.context_length=1", "world.context_length must be in"),
     ("device=tpu", "device must be auto, cpu or cuda"),
     ("dtype=float16", "dtype must be float32 or bfloat16"),
     ("method=npo2", "unknown method 'npo2'"),
+    ("loss.beta=0", "loss.beta must be > 0"),
+    ("loss.beta=-0.1", "loss.beta must be > 0"),
+    ("loss.gamma=-1", "loss.gamma must be >= 0"),
+    ("loss.retain_weight=-1", "loss.retain_weight must be >= 0"),
+    ("loss.retain_loss=kl", "loss.retain_loss must be nll or none"),
+    ("memorization.select_threshold=1.5", "memorization.select_threshold must be in [0, 1]"),
+    ("memorization.stop_level=-0.1", "memorization.stop_level must be in [0, 1]"),
+    ("memorization.switch_level=2", "memorization.switch_level must be in [0, 1]"),
+    ("memorization.task_lambda=0", "memorization.task_lambda must be > 0"),
+    ("memorization.task_lambda=-3", "memorization.task_lambda must be > 0"),
+    ("memorization.prefix_length=0", "memorization.prefix_length must be > 0"),
     ("unlearn.lr=fast", "bad config"),
     ("nosuchsection.x=1", "bad config"),
 ]
@@ -424,6 +442,12 @@ def _other_commands(world, tmp: Path) -> dict[str, tuple[list, str]]:
         "missing-deepspeed-json": (["unlearn", "--baseline", b, "--reinforced", b, "--target", t, "--anchors", a, "--out", tmp / "run", "engine.deepspeed=/nope.json", *TINY], "cannot read the DeepSpeed config"),
         "profile-plot-under-a-file": (["profile-kernel", "--shape", "64,96", "--tokens", "8", "--plot", tmp / "a-file" / "x.png", "--csv", tmp / "k.csv"], "is a file"),
         "unknown-method-for-run": (["run", "--baseline", b, "--target", t, "--out", tmp / "run", "method=nope"], "unknown method"),
+        "graddiff-without-retain": (["unlearn", "--baseline", b, "--target", t, "--out", tmp / "run", "method=graddiff", *TINY], "method graddiff needs a retain set"),
+        "npo-without-retain": (["run", "--baseline", b, "--target", t, "--out", tmp / "run", "method=npo", *TINY], "method npo needs a retain set: give retain: (general text the model must keep) or set loss.retain_loss=none"),
+        "missing-retain": (["unlearn", "--baseline", b, "--target", t, "--retain", tmp / "nope.txt", "--out", tmp / "run", "method=graddiff", *TINY], "corpus not found"),
+        "sga-without-stop-level": (["unlearn", "--baseline", b, "--target", t, "--out", tmp / "run", "method=sga", "memorization.prefix_length=8", *TINY], "needs memorization.stop_level or eval.holdout_set"),
+        "sga-prefix-too-long": (["unlearn", "--baseline", b, "--target", t, "--out", tmp / "run", "method=sga", *TINY], "memorization.prefix_length (32) must be below labels.context_length (32)"),
+        "ta-unlearn-without-ascended": (["unlearn", "--baseline", b, "--target", t, "--out", tmp / "run", "method=ta", "memorization.prefix_length=8", *TINY], "ascended model not found"),
         "compare-unknown-method": (["compare", "--methods", "ga,nope", "--baseline", b, "--target", t, "--anchors", a, "--out", tmp / "run", *TINY], "unknown method 'nope': choose one of"),
         "compare-empty-methods": (["compare", "--methods", "", "--baseline", b, "--target", t, "--anchors", a, "--out", tmp / "run", *TINY], "--methods is empty"),
         "compare-duplicate-methods": (["compare", "--methods", "whp,ga,whp", "--baseline", b, "--target", t, "--anchors", a, "--out", tmp / "run", *TINY], "whp more than once"),
@@ -434,7 +458,8 @@ def _other_commands(world, tmp: Path) -> dict[str, tuple[list, str]]:
 OTHER = ["suggest-missing-baseline", "suggest-out-exists", "suggest-out-in-missing-dir", "suggest-top-k-0", "suggest-missing-general", "plan-nan", "plan-unknown-model",
          "plan-missing-config", "plan-gpu-mem-0", "logs-missing-run", "status-bad-job", "eval-missing-model", "eval-missing-suite", "bench-bad-workers", "bench-steps-0",
          "demo-nan", "demo-out-is-a-file", "labels-triton-without-interpreter", "unlearn-without-reinforced", "missing-deepspeed-json", "profile-plot-under-a-file",
-         "unknown-method-for-run", "compare-unknown-method", "compare-empty-methods", "compare-duplicate-methods",
+         "unknown-method-for-run", "graddiff-without-retain", "npo-without-retain", "missing-retain", "sga-without-stop-level", "sga-prefix-too-long",
+         "ta-unlearn-without-ascended", "compare-unknown-method", "compare-empty-methods", "compare-duplicate-methods",
          "compare-demo-out-is-a-file"]
 
 

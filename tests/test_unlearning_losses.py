@@ -15,7 +15,7 @@ from engine.training.loop import fit
 from engine.training.objectives import NEXT_TOKEN, AscentLoss, GradDiffLoss, NPOLoss, SimNPOLoss, memorization_scores, sequence_log_probs
 from engine.training.schedule import Schedule, pad_blocks
 from engine.training.selection import MemorizationSelection
-from test_train import GOLDEN_LOSSES, patterned_blocks, tiny_model
+from test_train import patterned_blocks, tiny_model
 
 LN2 = math.log(2)
 

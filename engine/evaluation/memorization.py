@@ -98,6 +98,23 @@ def outliers(scores: list[float], reference_scores: list[float], quantile: float
     return {"threshold": threshold, "count": count, "fraction": count / len(scores)}
 
 
+def band_outliers(accuracies: list[float], low: float = 0.15, high: float = 0.60) -> dict:
+    """How many forget sequences have a memorization accuracy g outside the band (low, high): g <= low or
+    g >= high (Barbulescu and Triantafillou 2024, "To Each (Textual Sequence) Its Own").
+
+    A good mean can hide sequences still recited (g high) and sequences pushed far below what unseen text
+    gets (g low, over-unlearned, itself a membership signal); both ends count. Needs no holdout set.
+    """
+    if not accuracies:
+        raise UserError("band outliers need at least one memorization accuracy")
+    if not 0 <= low < high <= 1:
+        raise UserError(f"the outlier band needs 0 <= low < high <= 1, got [{low}, {high}]")
+    below = sum(g <= low for g in accuracies)
+    above = sum(g >= high for g in accuracies)
+    count = below + above
+    return {"low": low, "high": high, "count": count, "fraction": count / len(accuracies), "below": below, "above": above}
+
+
 def _check(sequences: list[list[int]], name: str, value: int, **others: int) -> None:
     """One-line UserError for a setting below 1 or a sequence not longer than `name`."""
     for key, setting in {name: value, **others}.items():

@@ -5,6 +5,9 @@ Sign convention, for every score here: higher = more likely unseen (a non-member
 holdout set (never trained on) 1 and the forget set 0, so it is P(holdout score > forget score): 1.0 = the forget
 set is recognisable as seen (memorised), 0.5 = indistinguishable from unseen text. An oracle scores near 0.5,
 not exactly: forget and holdout texts differ in content too.
+
+The perturbation attack (`perturbation_scores`) is the one of Barbulescu and Triantafillou 2024, "To Each
+(Textual Sequence) Its Own", with the evaluated model itself refilling the perturbed spans instead of T5.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from scipy.stats import ks_2samp
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from configs.errors import UserError
-from engine.evaluation.inference import inference, next_token_log_probs
+from engine.evaluation.inference import batches, inference, model_device, next_token_log_probs
 
 
 def mia_scores(
@@ -31,11 +34,7 @@ def mia_scores(
     - "min_k": minus the mean of the k fraction lowest token log-probabilities, at least one token
       (Min-K% Prob, Shi et al. 2024; negated like MUSE's code so that higher = unseen, as above).
     """
-    if not sequences:
-        raise UserError("membership scores: no sequences to score")
-    short = [index for index, seq in enumerate(sequences) if len(seq) < 2]
-    if short:
-        raise UserError(f"membership scores: sequence {short[0]} has fewer than 2 tokens, nothing to score")
+    _check_sequences(sequences)
     if texts is not None and len(texts) != len(sequences):
         raise UserError(f"membership scores: {len(texts)} texts for {len(sequences)} sequences")
     if not 0 < k <= 1:
@@ -43,8 +42,7 @@ def mia_scores(
     scores: dict[str, list[float]] = {"loss": [], "min_k": []}
     with inference(model):
         for seq, log_probs in zip(sequences, next_token_log_probs(model, sequences, batch_size, "membership")):
-            targets = torch.tensor(seq[1:], device=log_probs.device)
-            token_log_probs = log_probs[:-1].gather(1, targets[:, None]).squeeze(1)
+            token_log_probs = _token_log_probs(seq, log_probs)
             scores["loss"].append(-token_log_probs.mean().item())
             lowest = token_log_probs.topk(max(1, int(k * len(token_log_probs))), largest=False).values
             scores["min_k"].append(-lowest.mean().item())
@@ -53,6 +51,103 @@ def mia_scores(
             loss / len(zlib.compress(text.encode("utf-8"))) for loss, text in zip(scores["loss"], texts)
         ]
     return scores
+
+
+def perturbation_scores(
+    model, sequences: list[list[int]], copies: int = 4, fraction: float = 0.15, span: int = 2, seed: int = 0, batch_size: int = 8
+) -> list[float]:
+    """Per sequence x, minus |LL(x) - mean_k LL(x~_k)| over `copies` perturbed copies x~_k, LL being the mean
+    log-likelihood of tokens 2..n (Barbulescu and Triantafillou 2024, after DetectGPT, Mitchell et al. 2023).
+
+    Text the model was trained on sits at a peak of its likelihood, so perturbing it moves LL far: the paper
+    counts a large discrepancy as member; it is negated here so that higher = unseen, like every score here.
+    The paper refills masked spans with T5; the suite runs offline with no second model, so `perturb` refills
+    them from the evaluated model's own next-token distribution, which also keeps the copies on the
+    distribution of text the model reads. Spans are drawn from `seed` (`perturbation_plan`).
+    """
+    _check_sequences(sequences)
+    if copies < 1 or span < 1 or not 0 < fraction <= 1:
+        raise UserError(f"perturbation scores need copies >= 1, span >= 1 and fraction in (0, 1], got {copies}, {span}, {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    plans = [perturbation_plan(len(seq), fraction, span, generator) for seq in sequences for _ in range(copies)]
+    perturbed = perturb(model, [seq for seq in sequences for _ in range(copies)], plans, batch_size)
+    own, theirs = _mean_log_likelihoods(model, sequences, batch_size), _mean_log_likelihoods(model, perturbed, batch_size)
+    return [-abs(ll - sum(theirs[i * copies : (i + 1) * copies]) / copies) for i, ll in enumerate(own)]
+
+
+def perturbation_plan(length: int, fraction: float, span: int, generator: torch.Generator) -> tuple[list[int], list[float]]:
+    """The positions one copy of a `length`-token sequence resamples, and a uniform draw per position.
+
+    Positions 1.. are cut into spans of `span` (the first token, BOS, is never touched); round(fraction ·
+    (length - 1) / span) spans, at least one, are picked at random. Everything random is drawn here, up front
+    on the CPU, so the copies depend on the seed only, not on batching or device.
+    """
+    starts = list(range(1, length, span))
+    count = min(len(starts), max(1, round(fraction * (length - 1) / span)))
+    chosen = sorted(starts[i] for i in torch.randperm(len(starts), generator=generator)[:count].tolist())
+    positions = [p for start in chosen for p in range(start, min(start + span, length))]
+    return positions, torch.rand(len(positions), generator=generator, dtype=torch.float64).tolist()
+
+
+def perturb(model, sequences: list[list[int]], plans: list[tuple[list[int], list[float]]], batch_size: int = 8) -> list[list[int]]:
+    """Each sequence with its plan's positions resampled left to right, same length, every other token kept.
+
+    Position p gets a token drawn from the model's next-token distribution given the already perturbed
+    tokens before it, with the original token excluded: a mask-filling model does not see it either, and a
+    model that memorised the text would otherwise mostly draw it back and leave just the text it knows best
+    unperturbed. Draws are by inverse CDF at the plan's uniforms. Each step is one forward pass of the
+    right-padded batch, exact because a causal position never sees the tokens after it.
+    """
+    device = model_device(model)
+    out = []
+    with inference(model):
+        for batch in batches(list(zip(sequences, plans)), batch_size, "perturbation"):
+            ids = torch.zeros(len(batch), max(len(seq) for seq, _ in batch), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, (seq, _) in enumerate(batch):
+                ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+            for step in range(max(len(positions) for _, (positions, _) in batch)):
+                rows = [row for row, (_, (positions, _)) in enumerate(batch) if step < len(positions)]
+                at = torch.tensor([batch[row][1][0][step] for row in rows])
+                uniforms = torch.tensor([batch[row][1][1][step] for row in rows], dtype=torch.float64)
+                width = int(at.max())
+                logits = model(input_ids=ids[:, :width].to(device), attention_mask=mask[:, :width].to(device)).logits
+                probs = logits[rows, at - 1].double().softmax(-1).cpu()
+                ids[rows, at] = _draw(probs, ids[rows, at], uniforms)
+            out += [ids[row, : len(seq)].tolist() for row, (seq, _) in enumerate(batch)]
+    return out
+
+
+def _draw(probs: torch.Tensor, originals: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the token at its uniform on the inverse CDF of `probs` without the row's original token
+    (uniform over the other tokens where they have no mass at all)."""
+    weights = probs.scatter(1, originals[:, None], 0.0)
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, torch.ones_like(weights).scatter(1, originals[:, None], 0.0))
+    cumulative = weights.cumsum(1)
+    picks = torch.searchsorted(cumulative, (uniforms * cumulative[:, -1])[:, None], right=True).squeeze(1)
+    return torch.minimum(picks, (weights > 0).cumsum(1).argmax(1))  # a draw rounded onto the total: the last token with mass
+
+
+def _mean_log_likelihoods(model, sequences: list[list[int]], batch_size: int) -> list[float]:
+    """Per sequence, the mean log-likelihood of tokens 2..n: minus the LOSS score."""
+    with inference(model):
+        rows = next_token_log_probs(model, sequences, batch_size, "perturbation likelihoods")
+        return [_token_log_probs(seq, log_probs).mean().item() for seq, log_probs in zip(sequences, rows)]
+
+
+def _check_sequences(sequences: list[list[int]]) -> None:
+    """One-line UserError for no sequences or one with nothing to score."""
+    if not sequences:
+        raise UserError("membership scores: no sequences to score")
+    short = [index for index, seq in enumerate(sequences) if len(seq) < 2]
+    if short:
+        raise UserError(f"membership scores: sequence {short[0]} has fewer than 2 tokens, nothing to score")
+
+
+def _token_log_probs(seq: list[int], log_probs: torch.Tensor) -> torch.Tensor:
+    """The log-probabilities of tokens 2..n of `seq` from its next-token log-probabilities."""
+    targets = torch.tensor(seq[1:], device=log_probs.device)
+    return log_probs[:-1].gather(1, targets[:, None]).squeeze(1)
 
 
 def _labelled(forget_scores: list[float], holdout_scores: list[float]) -> tuple[list[int], list[float]]:

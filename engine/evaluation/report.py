@@ -22,12 +22,14 @@ METRIC_LABELS = {
     "completion_familiarity": "completion familiarity (0-5, lower = forgot)",
     "perplexity": "general-text perplexity (lower = better)",
     "memorization_accuracy": "memorization accuracy on the forget set (0-1)",
+    "memorization_band_outliers": "forget sequences outside the memorization-accuracy band (count)",
     "extraction_likelihood": "extraction likelihood EL_n (0-1)",
     "verbatim_rouge": "verbatim memorization, ROUGE-L (0-1)",
     "memorized_outliers": "forget sequences memorized beyond unseen text (count)",
     "mia_auc_loss": "membership AUC, loss (0.5 = looks unseen)",
     "mia_auc_zlib": "membership AUC, zlib (0.5 = looks unseen)",
     "mia_auc_min_k": "membership AUC, Min-K% (0.5 = looks unseen)",
+    "mia_auc_perturbation": "membership AUC, perturbation (0.5 = looks unseen)",
     "privleak": "PrivLeak vs oracle (0 = like the oracle)",
     "forget_quality": "forget quality: KS p-value vs oracle (1 = like the oracle)",
 }
@@ -120,11 +122,26 @@ def _markdown(results: dict[str, dict], title: str, notes: list[str], figures: l
     paper = [f"{task} {before:.3f} → {after:.3f}" for task, (before, after) in PAPER_ACCURACY.items() if f"benchmark:{task}" in measured]
     if paper:
         notes = [*notes, "For scale, the paper's Llama-2-7b-chat (baseline → unlearned): " + ", ".join(paper)]
+    notes = [*notes, *_band_notes(results)]
     if notes:
         lines += [f"- {note}" for note in notes] + [""]
     lines += _sample_lines(results)
     lines += [line for figure in figures for line in (f"![]({figure})", "")]
     return "\n".join(lines)
+
+
+def _band_notes(results: dict[str, dict]) -> list[str]:
+    """The band behind the band-outlier row, and per model how many sequences fell below it and above it:
+    the two ends mean different things (over-unlearned vs still recited)."""
+    bands = {
+        name: found
+        for name, result in results.items()
+        if isinstance(found := (result.get("details", {}).get("memorization") or {}).get("band_outliers"), dict)
+    }
+    if not bands:
+        return []
+    parts = [f"{name} [{b['low']:g}, {b['high']:g}]: {b['below']} below, {b['above']} above" for name, b in bands.items()]
+    return ["Memorization-accuracy band outliers (g ≤ low or g ≥ high): " + "; ".join(parts)]
 
 
 def _sample_lines(results: dict[str, dict]) -> list[str]:

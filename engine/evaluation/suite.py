@@ -6,8 +6,10 @@ it cost the model, measured the same way on every model of a run (baseline, unle
   and by completion (`completion_familiarity`, completions of prompts graded 0-3 by a judge, judge.py).
 - Perplexity on general text (`perplexity`): did the model stay a language model?
 - Memorization of the forget set (memorization.py): memorization accuracy, extraction likelihood,
-  verbatim ROUGE-L, and the forget sequences memorized beyond what the model does on unseen holdout text.
-- Membership inference, forget set vs holdout (privacy.py): ROC AUC of the loss, zlib and Min-K% scores.
+  verbatim ROUGE-L, the forget sequences whose accuracy lies outside an acceptable band, and those
+  memorized beyond what the model does on unseen holdout text.
+- Membership inference, forget set vs holdout (privacy.py): ROC AUC of the loss, zlib, Min-K% and
+  perturbation scores.
 - Closeness to the oracle (`compare_to_oracle`, with an oracle among the models): PrivLeak and the KS
   forget quality of each other model.
 - General benchmarks through lm-eval (benchmarks.py).
@@ -33,8 +35,8 @@ from engine.data.corpus import make_blocks, read_corpus
 from engine.evaluation.benchmarks import load_tasks, run_benchmarks
 from engine.evaluation.inference import generate, inference, next_token_log_probs, pad_token_id
 from engine.evaluation.judge import LLMJudge, familiarity_score, rule_grade
-from engine.evaluation.memorization import extraction_likelihood, memorization_accuracy, outliers, verbatim_rouge
-from engine.evaluation.privacy import ks_forget_quality, mia_auc, mia_scores, privleak, roc_curve_points
+from engine.evaluation.memorization import band_outliers, extraction_likelihood, memorization_accuracy, outliers, verbatim_rouge
+from engine.evaluation.privacy import ks_forget_quality, mia_auc, mia_scores, perturbation_scores, privleak, roc_curve_points
 
 METRICS = ("probability_familiarity", "completion_familiarity", "perplexity")  # the paper's: always in the results, None when skipped
 MEMORIZATION = ("memorization_accuracy", "extraction_likelihood", "verbatim_rouge")  # means over the forget set
@@ -80,8 +82,10 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, saga_terms: list[str], sui
     """The suite's parts whose inputs are given, on one model: flat scores plus a "details" dict.
 
     Scores: the paper's `METRICS` always (None when skipped, with details "skipped"); with a forget set,
-    the `MEMORIZATION` means and `memorized_outliers` (None without a holdout set); with a holdout set too,
-    `mia_auc_loss`, `mia_auc_zlib` and `mia_auc_min_k`; per lm-eval task, `benchmark:TASK` (its accuracy).
+    the `MEMORIZATION` means, `memorization_band_outliers` (the count outside `cfg.outlier_band`) and
+    `memorized_outliers` (None without a holdout set); with a holdout set too, `mia_auc_loss`, `mia_auc_zlib`,
+    `mia_auc_min_k` and, with `cfg.perturbations`, `mia_auc_perturbation`; per lm-eval task, `benchmark:TASK`
+    (its accuracy).
     `suite` defaults to `load_suite(cfg)`; `compare_to_oracle` adds the oracle comparisons afterwards.
     """
     suite = suite or load_suite(cfg)
@@ -99,6 +103,7 @@ def evaluate_model(model, tokenizer, cfg: EvalConfig, saga_terms: list[str], sui
         memorized = memorization(model, forget, holdout, cfg)
         details["memorization"] = memorized
         scores.update({key: memorized[key]["mean"] for key in MEMORIZATION})
+        scores["memorization_band_outliers"] = memorized["band_outliers"]["count"]
         scores["memorized_outliers"] = memorized["outliers"]["count"] if holdout else None
         if holdout:
             details["membership"] = membership(model, tokenizer, forget, holdout, cfg)
@@ -223,7 +228,8 @@ def sequences(tokenizer, documents: list[str], cfg: EvalConfig) -> list[list[int
 
 
 def memorization(model, forget: list[list[int]], holdout: list[list[int]] | None, cfg: EvalConfig) -> dict:
-    """Per-sequence memorization of the forget set (and of unseen text, the threshold for outliers)."""
+    """Per-sequence memorization of the forget set, its outliers by band, and (with unseen text, whose
+    accuracies set the threshold) its outliers by quantile."""
 
     def measure(seqs: list[list[int]]) -> dict[str, list[float]]:
         return {
@@ -234,6 +240,7 @@ def memorization(model, forget: list[list[int]], holdout: list[list[int]] | None
 
     found = measure(forget)
     result = {key: {"mean": sum(values) / len(values), "per_sequence": values} for key, values in found.items()}
+    result["band_outliers"] = band_outliers(found["memorization_accuracy"], *cfg.outlier_band)
     if holdout:
         unseen = memorization_accuracy(model, holdout, cfg.prefix_length, cfg.batch_size)
         result["outliers"] = {**outliers(found["memorization_accuracy"], unseen), "holdout_per_sequence": unseen}
@@ -246,7 +253,10 @@ def membership(model, tokenizer, forget: list[list[int]], holdout: list[list[int
     """Membership inference forget vs holdout: ROC AUC per score (0.5 = the forget set looks unseen)."""
 
     def scores(seqs):
-        return mia_scores(model, seqs, [tokenizer.decode(s, skip_special_tokens=True) for s in seqs], cfg.min_k, cfg.batch_size)
+        found = mia_scores(model, seqs, [tokenizer.decode(s, skip_special_tokens=True) for s in seqs], cfg.min_k, cfg.batch_size)
+        if cfg.perturbations:
+            found["perturbation"] = perturbation_scores(model, seqs, cfg.perturbations, cfg.perturb_fraction, cfg.perturb_span, cfg.seed, cfg.batch_size)
+        return found
 
     forget_scores, holdout_scores = scores(forget), scores(holdout)
     return {

@@ -87,8 +87,17 @@ class Method(Protocol):
     name: ClassVar[str]  # the `method:` config value
     outputs: ClassVar[dict[str, str]]  # phase (or export) → its output's name in the run directory
     exports: ClassVar[tuple[str, ...]]  # commands that write an output for inspection, not a training phase
+    teacher_role: ClassVar[str]  # how its teacher processes are named ("labeler", "reference"; "" when it has none)
+    teacher_models: ClassVar[tuple[str, ...]]  # the frozen models each teacher process holds (what `plan` counts)
+    trainer_frozen_models: ClassVar[int]  # frozen models each trainer rank also holds, ZeRO-3-partitioned (TA/TAU's θ_ref)
+    train_sections: ClassVar[dict[str, str]]  # each training phase → the config section of its TrainConfig
 
     def __init__(self, cfg: RunConfig) -> None: ...
+
+    @property
+    def uses_retain(self) -> bool:
+        """Whether the unlearn phase bundles each forget block with a retain block (twice the rows per step)."""
+        ...
 
     @property
     def phases(self) -> tuple[str, ...]:

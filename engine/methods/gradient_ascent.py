@@ -26,6 +26,10 @@ class GradientAscent:
     outputs: ClassVar[dict[str, str]] = {}
     exports: ClassVar[tuple[str, ...]] = ()
     what: ClassVar[str] = "gradient ascent on the forget set"  # the report's description
+    teacher_role: ClassVar[str] = ""
+    teacher_models: ClassVar[tuple[str, ...]] = ()
+    trainer_frozen_models: ClassVar[int] = 0
+    train_sections: ClassVar[dict[str, str]] = {"unlearn": "unlearn"}
     phases = ("unlearn",)
 
     def __init__(self, cfg: RunConfig) -> None:

@@ -15,6 +15,8 @@ from engine.training.objectives import NPOLoss, Objective
 class NPO(GradientAscent):
     name: ClassVar[str] = "npo"
     what: ClassVar[str] = "NPO against the frozen baseline"
+    teacher_role: ClassVar[str] = ReferenceSpec.role
+    teacher_models: ClassVar[tuple[str, ...]] = ("baseline",)
 
     @property
     def uses_retain(self) -> bool:

@@ -11,6 +11,8 @@ from engine.training.objectives import Objective, SimNPOLoss
 class SimNPO(NPO):
     name: ClassVar[str] = "simnpo"
     what: ClassVar[str] = "SimNPO (reference-free)"
+    teacher_role: ClassVar[str] = ""
+    teacher_models: ClassVar[tuple[str, ...]] = ()
 
     def objective(self) -> Objective:
         loss = self.cfg.loss

@@ -26,6 +26,8 @@ class TaskArithmetic(GradientAscent):
     outputs: ClassVar[dict[str, str]] = {"ascend": "ascended"}
     what: ClassVar[str] = "task arithmetic (gradient ascent to the switch point, then θ_ref − λ·(θ_ft − θ_ref))"
     phases = ("ascend", "unlearn")
+    trainer_frozen_models: ClassVar[int] = 1  # θ_ref, loaded partitioned for the arithmetic before the final save
+    train_sections: ClassVar[dict[str, str]] = {"ascend": "unlearn", "unlearn": "finetune"}
     switch_level: ClassVar[float] = 0.9
     task_lambda: ClassVar[float] = 3.0
     selective: ClassVar[bool] = False  # TAU: the ascent is selective
@@ -40,7 +42,7 @@ class TaskArithmetic(GradientAscent):
         if name == "ascend":
             switch = self.switch_level if m.switch_level is None else m.switch_level
             selection = MemorizationSelection(m.prefix_length, m.select_threshold if self.selective else 0.0, switch, m.rescore_every, batch_size=self.cfg.eval.batch_size)
-            return Phase("ascend", inputs.baseline, self.cfg.unlearn, self.objective(), selection=selection)
+            return Phase("ascend", inputs.baseline, self.cfg.unlearn, self.objective(), selection=selection)  # train_sections
         scale = self.task_lambda if m.task_lambda is None else m.task_lambda
         ascended = inputs.outputs["ascend"]
         return Phase("unlearn", ascended, self.cfg.finetune, NEXT_TOKEN, task_arithmetic=(ascended, scale))

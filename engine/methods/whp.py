@@ -34,6 +34,11 @@ class WHP:
     name: ClassVar[str] = "whp"
     outputs: ClassVar[dict[str, str]] = {"reinforce": "reinforced", "labels": "labels"}
     exports: ClassVar[tuple[str, ...]] = ("labels",)
+    teacher_role: ClassVar[str] = "labeler"
+    teacher_models: ClassVar[tuple[str, ...]] = ("baseline", "reinforced")
+    trainer_frozen_models: ClassVar[int] = 0
+    train_sections: ClassVar[dict[str, str]] = {"reinforce": "reinforce", "unlearn": "unlearn"}
+    uses_retain = False
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

@@ -115,6 +115,16 @@ def _resume(checkpoints: Checkpoints | None, resume: bool, desc: str) -> tuple[i
     return state["step"], FitResult(**state["result"])
 
 
+def _micro_batches(input_ids: torch.Tensor, targets: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(input_ids[i : i + size], targets[i : i + size]) for i in range(0, input_ids.shape[0], size)]
+
+
+def _save_final(backend: TrainBackend, save_to: Path, task_arithmetic: tuple[Path, float] | None) -> None:
+    if task_arithmetic is not None:
+        backend.extrapolate_from(*task_arithmetic)
+    backend.save(save_to)
+
+
 def fit(
     backend: TrainBackend,
     input_ids: torch.Tensor,
@@ -141,11 +151,9 @@ def fit(
     Every rank calls it with the same data and trains on its share of each step (`Schedule`). A checkpoint
     (every `checkpoint_every` steps into `checkpoint_dir`, and when `stop.is_set()` on any rank, which then
     returns early) holds the step and RNG, so `resume` ends with the same weights as an uninterrupted run.
-    `progress(step, total_steps, loss)` is called on rank 0 after each step, in place of the progress bar.
-    A loss that turns non-finite ends the phase with `RunFailed`; the latest checkpoint stays.
-    With a `selection` (memorization-aware methods) steps ascend only on the selected blocks and the phase
-    ends early once the mean memorization falls below its stop level. `task_arithmetic = (θ_ref, λ)` turns
-    the final weights θ into θ_ref − λ·(θ − θ_ref) before they are saved.
+    `progress(step, total_steps, loss)` replaces the progress bar on rank 0. A non-finite loss ends the phase
+    with `RunFailed` (the latest checkpoint stays). A `selection` trains on the selected blocks only and may
+    end the phase early; `task_arithmetic` = (θ_ref, λ) saves θ_ref − λ·(θ − θ_ref) instead of the final θ.
     """
     rank = backend.rank
     targets_for = TensorTargets(targets) if isinstance(targets, torch.Tensor) else targets
@@ -162,18 +170,15 @@ def fit(
     bar = tqdm(total=total_steps, initial=first_step, desc=desc, unit="step", dynamic_ncols=True, disable=rank != 0 or progress is not None)
     selector = Selector(selection, backend, input_ids, schedule, result) if selection else None
     for step, step_ids in schedule.steps(first_step):
-        if selector is not None and selector.stop_before(step):
-            log.info("%s: mean memorization %.3f below %.3f at step %d: stopping", desc, result.memorization[-1][1], result.stop_level, step)
+        if selector is not None and selector.stop_before(step, desc):
             break
         chosen = schedule.share(step_ids, rank)
         t_wait = time.perf_counter()
         chosen_targets = targets_for(chosen) if selector is None else selector.mask(chosen, targets_for(chosen), step_ids)
         t0 = time.perf_counter()
         result.label_wait_seconds += t0 - t_wait
-        size = cfg.micro_batch_size
-        micro = [(input_ids[chosen[i : i + size]], chosen_targets[i : i + size]) for i in range(0, chosen.numel(), size)]
         lr = lr_at(step, total_steps, cfg)
-        stats = backend.train_step(micro, lr)
+        stats = backend.train_step(_micro_batches(input_ids[chosen], chosen_targets, cfg.micro_batch_size), lr)
         if not math.isfinite(stats.loss):  # the same all-reduced loss on every rank: all of them stop here
             bar.close()
             raise RunFailed(f"{desc}: the loss became {stats.loss} at step {step + 1} (lower the learning rate, check the data)")
@@ -187,19 +192,16 @@ def fit(
         bar.update()
         if validate and ((step + 1) % eval_every == 0 or step + 1 == total_steps):
             validation.run(step + 1, result, save_to, writer, desc)
-        stopping = step + 1 < total_steps and stop is not None and backend.all_reduce(float(stop.is_set()))[0] > 0
-        if checkpoints is not None and (stopping or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+        result.interrupted = step + 1 < total_steps and stop is not None and backend.all_reduce(float(stop.is_set()))[0] > 0
+        if checkpoints is not None and (result.interrupted or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
             result.seconds = time.perf_counter() - start
             checkpoints.save(step + 1, {"step": step + 1, "result": asdict(result)})
-        if stopping:
-            result.interrupted = True
+        if result.interrupted:
             log.info("%s: stopped at step %d", desc, step + 1)
             break
     bar.close()
     if not validate and save_to is not None and not result.interrupted:
-        if task_arithmetic is not None:
-            backend.extrapolate_from(*task_arithmetic)
-        backend.save(save_to)
+        _save_final(backend, save_to, task_arithmetic)
     result.seconds = time.perf_counter() - start
     log.info("%s: %d steps in %.1fs, final loss %.4f", desc, result.steps, result.seconds, result.losses[-1] if result.losses else float("nan"))
     return result

@@ -11,6 +11,7 @@ step 0.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ import torch
 
 from engine.models import IGNORE_INDEX
 from engine.training.objectives import memorization_scores
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,8 @@ class Selector:
         self.selected = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         self.selected[torch.tensor(result.selected, dtype=torch.long)] = True
 
-    def stop_before(self, step: int) -> bool:
-        """Re-score when due; True when the mean g has fallen below the stop level."""
+    def stop_before(self, step: int, desc: str) -> bool:
+        """Re-score when due; True (logged) when the mean g has fallen below the stop level."""
         if step % self.every:
             return False
         result = self.result
@@ -88,6 +91,8 @@ class Selector:
         result.selected = decision.selected.nonzero().squeeze(1).tolist()
         result.memorization.append([step, decision.mean_score, len(result.selected)])
         result.stopped_early = decision.stop
+        if decision.stop:
+            log.info("%s: mean memorization %.3f below %.3f at step %d: stopping", desc, decision.mean_score, result.stop_level, step)
         return decision.stop
 
     def mask(self, chosen: torch.Tensor, targets: torch.Tensor, step_ids: torch.Tensor) -> torch.Tensor:
