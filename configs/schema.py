@@ -89,14 +89,14 @@ class LabelConfig:
 class LossConfig:
     """The direct methods' objectives (ga, graddiff, npo, simnpo; docs/methods.md)."""
 
-    retain_loss: str = "nll"  # the retain term of npo and simnpo: nll (GradDiff-style) | none; graddiff always uses nll
+    retain_loss: str = "nll"  # the retain term of graddiff, npo, simnpo: nll | kl (to the frozen baseline) | none (not graddiff)
     retain_weight: float = 1.0  # weight of the retain term against the forget term
     beta: float = 0.1  # NPO / SimNPO inverse temperature
     gamma: float = 0.0  # SimNPO reward margin
 
     def validate(self) -> None:
-        if self.retain_loss not in ("nll", "none"):
-            raise UserError(f"loss.retain_loss must be nll or none, got {self.retain_loss!r}")
+        if self.retain_loss not in ("nll", "kl", "none"):
+            raise UserError(f"loss.retain_loss must be nll, kl or none, got {self.retain_loss!r}")
         if self.retain_weight < 0:
             raise UserError(f"loss.retain_weight must be >= 0, got {self.retain_weight}")
         _positive("loss.beta", self.beta)

@@ -266,6 +266,7 @@ def train_phase(cfg: RunConfig, run: RunDir, method: Method, name: str, checked:
         deepspeed=checked.deepspeed,
         selection=phase.selection,
         task_arithmetic=phase.task_arithmetic,
+        reference=phase.reference,
     )
     result = runner.train(job, resume)
     summary = method.summary(result) if name == "unlearn" else None

@@ -122,7 +122,7 @@ def demo(args, overwrite, resume, **flags):
 @click.option("--methods", required=True, help="comma-separated methods to compare, e.g. whp,ga (registered names)")
 @click.option("--demo", is_flag=True, help="on the generated tiny world with configs/demo.yaml, like `obliviate demo`")
 @click.option("--suite", default="", help="evaluation suite YAML (the `eval` section: files, tasks, judge)")
-@run_options("baseline", "target", "anchors", "reinforced", "oracle")
+@run_options("baseline", "target", "anchors", "reinforced", "oracle", "retain")
 def compare_command(args, methods, demo, overwrite, resume, out, **flags):
     """Several methods from the same baseline on the same data: each trains into RUN/METHOD on one runner,
     then one evaluation of the baseline, every method and the oracle (RUN/metrics.json, RUN/report.md) and

@@ -191,7 +191,7 @@ class Plan:
     teacher_role: str = "labeler"  # how the method's teacher processes are named ("" without teachers)
     teacher_models: tuple[str, ...] = ("baseline", "reinforced")  # the frozen models each one holds
     rows_per_block: int = 1  # 2 when each forget block is bundled with a retain block
-    trainer_frozen_gib: float = 0.0  # frozen models a trainer rank holds partitioned (TA/TAU's θ_ref)
+    trainer_frozen_gib: float = 0.0  # frozen models a trainer rank holds partitioned (a KL term's baseline, TA/TAU's θ_ref)
     offload: list[Offload] = field(default_factory=list)  # only when the trainer does not fit
     max_micro_batch: int = 0  # largest micro-batch that fits this layout when the configured one does not
 
@@ -330,7 +330,7 @@ def format_plan(p: Plan) -> str:
     yes = {True: "yes", False: "NO"}
     rows = [
         (f"trainer: ZeRO-3 model states over {p.workers} ranks", p.trainer_states_gib, ""),
-        *([(f"trainer: frozen θ_ref for task arithmetic, 1/{p.workers} ({p.dtype})", p.trainer_frozen_gib, "")] if p.trainer_frozen_gib else []),
+        *([(f"trainer: frozen reference model, 1/{p.workers} ({p.dtype})", p.trainer_frozen_gib, "")] if p.trainer_frozen_gib else []),
         (f"trainer: activations, {p.micro_batch} × {p.rows_per_block * p.block} tokens", p.trainer_layers_gib, ""),
         (f"trainer: logits + loss ({s.vocab:,} vocab)", p.trainer_loss_gib, ""),
         ("trainer: total per GPU", p.trainer_gib, yes[p.trainer_fits]),

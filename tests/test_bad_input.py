@@ -119,7 +119,7 @@ OUT_OF_RANGE = [
     ("loss.beta=-0.1", "loss.beta must be > 0"),
     ("loss.gamma=-1", "loss.gamma must be >= 0"),
     ("loss.retain_weight=-1", "loss.retain_weight must be >= 0"),
-    ("loss.retain_loss=kl", "loss.retain_loss must be nll or none"),
+    ("loss.retain_loss=l2", "loss.retain_loss must be nll, kl or none"),
     ("memorization.select_threshold=1.5", "memorization.select_threshold must be in [0, 1]"),
     ("memorization.stop_level=-0.1", "memorization.stop_level must be in [0, 1]"),
     ("memorization.switch_level=2", "memorization.switch_level must be in [0, 1]"),
@@ -444,6 +444,7 @@ def _other_commands(world, tmp: Path) -> dict[str, tuple[list, str]]:
         "unknown-method-for-run": (["run", "--baseline", b, "--target", t, "--out", tmp / "run", "method=nope"], "unknown method"),
         "graddiff-without-retain": (["unlearn", "--baseline", b, "--target", t, "--out", tmp / "run", "method=graddiff", *TINY], "method graddiff needs a retain set"),
         "npo-without-retain": (["run", "--baseline", b, "--target", t, "--out", tmp / "run", "method=npo", *TINY], "method npo needs a retain set: give retain: (general text the model must keep) or set loss.retain_loss=none"),
+        "graddiff-without-retain-term": (["unlearn", "--baseline", b, "--target", t, "--retain", files.general, "--out", tmp / "run", "method=graddiff", "loss.retain_loss=none", *TINY], "method graddiff needs a retain term"),
         "missing-retain": (["unlearn", "--baseline", b, "--target", t, "--retain", tmp / "nope.txt", "--out", tmp / "run", "method=graddiff", *TINY], "corpus not found"),
         "sga-without-stop-level": (["unlearn", "--baseline", b, "--target", t, "--out", tmp / "run", "method=sga", "memorization.prefix_length=8", *TINY], "needs memorization.stop_level or eval.holdout_set"),
         "sga-prefix-too-long": (["unlearn", "--baseline", b, "--target", t, "--out", tmp / "run", "method=sga", *TINY], "memorization.prefix_length (32) must be below labels.context_length (32)"),
@@ -458,7 +459,7 @@ def _other_commands(world, tmp: Path) -> dict[str, tuple[list, str]]:
 OTHER = ["suggest-missing-baseline", "suggest-out-exists", "suggest-out-in-missing-dir", "suggest-top-k-0", "suggest-missing-general", "plan-nan", "plan-unknown-model",
          "plan-missing-config", "plan-gpu-mem-0", "logs-missing-run", "status-bad-job", "eval-missing-model", "eval-missing-suite", "bench-bad-workers", "bench-steps-0",
          "demo-nan", "demo-out-is-a-file", "labels-triton-without-interpreter", "unlearn-without-reinforced", "missing-deepspeed-json", "profile-plot-under-a-file",
-         "unknown-method-for-run", "graddiff-without-retain", "npo-without-retain", "missing-retain", "sga-without-stop-level", "sga-prefix-too-long",
+         "unknown-method-for-run", "graddiff-without-retain", "npo-without-retain", "graddiff-without-retain-term", "missing-retain", "sga-without-stop-level", "sga-prefix-too-long",
          "ta-unlearn-without-ascended", "compare-unknown-method", "compare-empty-methods", "compare-duplicate-methods",
          "compare-demo-out-is-a-file"]
 

@@ -120,10 +120,11 @@ def test_two_zero3_workers_and_two_labelers_train_like_one_process_with_twice_th
 
 
 DIRECT = {
-    "ga": [],
-    "npo": ["retain={general}"],  # a reference teacher streaming log-probabilities; forget + retain bundles
+    "ga": ["method=ga"],
+    "npo": ["method=npo", "retain={general}"],  # a reference teacher streaming log-probabilities; forget + retain bundles
     # about a fifth of the blocks selected at each of the 2 re-scorings
-    "sga": ["memorization.prefix_length=8", "memorization.select_threshold=0.3", "memorization.stop_level=0", "memorization.rescore_every=4"],
+    "sga": ["method=sga", "memorization.prefix_length=8", "memorization.select_threshold=0.3", "memorization.stop_level=0", "memorization.rescore_every=4"],
+    "graddiff-kl": ["method=graddiff", "retain={general}", "loss.retain_loss=kl"],  # the frozen baseline ZeRO-3-partitioned in the trainer
 }
 
 
@@ -138,11 +139,13 @@ def memorizing(world, tmp_path_factory):
     return out / "reinforced"
 
 
-@pytest.mark.parametrize("method", DIRECT)
-def test_direct_methods_on_two_zero3_workers_train_like_one_process_with_twice_the_batch(world, cluster, tmp_path, capsys, method, request):
+@pytest.mark.parametrize("case", DIRECT)
+def test_direct_methods_on_two_zero3_workers_train_like_one_process_with_twice_the_batch(world, cluster, tmp_path, capsys, case, request):
     """Methods other than WHP through both runners untouched: the same equivalence as WHP's unlearn phase
-    (NPO with its teacher and retain bundles; SGA with its re-scorings gathered over the ranks)."""
-    settings = [f"method={method}", "unlearn.lr=3e-4", "unlearn.val_fraction=0", *(s.format(general=world["files"].general) for s in DIRECT[method])]
+    (NPO with its teacher and retain bundles; SGA with its re-scorings gathered over the ranks; a KL retain
+    term with the frozen reference partitioned over the trainer ranks)."""
+    method = case.split("-")[0]
+    settings = ["unlearn.lr=3e-4", "unlearn.val_fraction=0", *(s.format(general=world["files"].general) for s in DIRECT[case])]
     baseline = request.getfixturevalue("memorizing") if method == "sga" else world["baseline"]
     args = ["--baseline", baseline, "--target", world["files"].saga]
     reference, run = tmp_path / "reference", tmp_path / "run"

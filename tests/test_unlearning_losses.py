@@ -12,7 +12,7 @@ import torch
 from configs import TrainConfig
 from engine.training.backends import TorchBackend
 from engine.training.loop import fit
-from engine.training.objectives import NEXT_TOKEN, AscentLoss, GradDiffLoss, NPOLoss, SimNPOLoss, memorization_scores, sequence_log_probs
+from engine.training.objectives import NEXT_TOKEN, AscentLoss, GradDiffLoss, NPOLoss, SimNPOLoss, kl_sums, memorization_scores, sequence_log_probs
 from engine.training.schedule import Schedule, pad_blocks
 from engine.training.selection import MemorizationSelection
 from test_train import patterned_blocks, tiny_model
@@ -34,6 +34,22 @@ def test_graddiff_ascends_on_forget_and_descends_on_retain():
     loss = GradDiffLoss(retain_weight=0.5)
     assert loss.units(ids, ids) == 2  # the forget tokens
     assert float(loss.loss_sum(logits, ids, ids)) == pytest.approx(-2 * LN2 + 0.5 * 2 * LN2)
+
+
+def test_the_kl_retain_term_on_hand_worked_distributions():
+    # One bundle over a vocabulary of 2, 3 positions (2 counted). The model is uniform; the reference puts
+    # 3/4 on token 0: KL(q ‖ uniform) = 0.75·ln 1.5 + 0.25·ln 0.5 per position.
+    logits, ids = torch.zeros(1, 2, 3, 2), torch.tensor([[[0, 1, 1], [1, 0, 0]]])
+    reference = torch.tensor([math.log(3.0), 0.0]).expand(1, 3, 2)
+    per_position = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert float(kl_sums(logits[:, 1], reference)[0]) == pytest.approx(2 * per_position)
+    assert float(kl_sums(reference, reference)[0]) == pytest.approx(0.0, abs=1e-7)  # identical distributions
+    loss = GradDiffLoss(retain_weight=0.5, retain_kl=True)
+    assert float(loss.loss_sum(logits, ids, ids, reference)) == pytest.approx(-2 * LN2 + 0.5 * 2 * per_position)
+    same = loss.loss_sum(logits, ids, ids, logits[:, 1])
+    assert float(same) == pytest.approx(-2 * LN2)  # KL of identical distributions = 0: GA alone
+    npo = NPOLoss(beta=0.1, retain_weight=1.0).loss_sum(logits, ids, torch.tensor([[-2 * LN2]]), reference)
+    assert float(npo) == pytest.approx(20 * LN2 + per_position)  # per-sequence: the retain row's mean KL
 
 
 def test_npo_on_hand_worked_sequences():

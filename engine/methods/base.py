@@ -37,6 +37,7 @@ class Phase:
     examples: torch.Tensor | None = None  # what it trains on: None = the forget blocks; or `RunInputs.bundles()`
     selection: MemorizationSelection | None = None  # memorization-aware: which blocks steps ascend on, when to stop
     task_arithmetic: tuple[Path, float] | None = None  # (θ_ref, λ): publish θ_ref − λ·(θ − θ_ref)
+    reference: Path | None = None  # a frozen model the trainer holds whose logits on the retain rows reach the objective (KL)
 
 
 @dataclass
@@ -89,7 +90,7 @@ class Method(Protocol):
     exports: ClassVar[tuple[str, ...]]  # commands that write an output for inspection, not a training phase
     teacher_role: ClassVar[str]  # how its teacher processes are named ("labeler", "reference"; "" when it has none)
     teacher_models: ClassVar[tuple[str, ...]]  # the frozen models each teacher process holds (what `plan` counts)
-    trainer_frozen_models: ClassVar[int]  # frozen models each trainer rank also holds, ZeRO-3-partitioned (TA/TAU's θ_ref)
+    trainer_frozen_models: int  # frozen models each trainer rank also holds, ZeRO-3-partitioned (a KL term's baseline, TA/TAU's θ_ref)
     train_sections: ClassVar[dict[str, str]]  # each training phase → the config section of its TrainConfig
 
     def __init__(self, cfg: RunConfig) -> None: ...

@@ -154,12 +154,9 @@ class LabelerSpec:
     def build_sharded(self, dtype: torch.dtype = torch.float32) -> GenericLabeler:
         """One rank of a labeler group (torchrun-style env) holding 1/WORLD_SIZE of both frozen models under
         ZeRO-3: for models too big for one device. Every rank of the group must label in step."""
-        import deepspeed
+        from engine.training.zero import frozen_zero3
 
-        from engine.training.zero import load_zero3_model
-
-        ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16}}
-        engines = [deepspeed.initialize(model=load_zero3_model(path, ds_config, dtype), config=ds_config)[0] for path in (self.baseline, self.reinforced)]
+        engines = [frozen_zero3(path, dtype) for path in (self.baseline, self.reinforced)]
         baseline, reinforced = (engine.module.eval() for engine in engines)
         labeler = GenericLabeler(baseline, reinforced, load_tokenizer(self.baseline, "baseline"), self.blocks, self.anchors, self.labels, shard_group=dist.group.WORLD)
         labeler.engines = engines  # the engines own the hooks that gather each layer's shards in forward

@@ -28,7 +28,6 @@ class GradientAscent:
     what: ClassVar[str] = "gradient ascent on the forget set"  # the report's description
     teacher_role: ClassVar[str] = ""
     teacher_models: ClassVar[tuple[str, ...]] = ()
-    trainer_frozen_models: ClassVar[int] = 0
     train_sections: ClassVar[dict[str, str]] = {"unlearn": "unlearn"}
     phases = ("unlearn",)
 
@@ -39,6 +38,15 @@ class GradientAscent:
     def uses_retain(self) -> bool:
         """Whether steps bundle each forget block with a retain block."""
         return False
+
+    @property
+    def retain_kl(self) -> bool:
+        """The retain term is KL(baseline ‖ model): the trainer then holds the frozen baseline too."""
+        return self.uses_retain and self.cfg.loss.retain_loss == "kl"
+
+    @property
+    def trainer_frozen_models(self) -> int:
+        return int(self.retain_kl)
 
     def objective(self) -> Objective:
         return AscentLoss()
@@ -53,14 +61,15 @@ class GradientAscent:
 
     def phase(self, name: str, inputs: RunInputs) -> Phase:
         examples = inputs.bundles(self.cfg.unlearn.seed) if self.uses_retain else None
-        return Phase("unlearn", inputs.baseline, self.cfg.unlearn, self.objective(), teacher=self.teacher(inputs), examples=examples)
+        reference = inputs.baseline if self.retain_kl else None
+        return Phase("unlearn", inputs.baseline, self.cfg.unlearn, self.objective(), teacher=self.teacher(inputs), examples=examples, reference=reference)
 
     def export(self, name: str, inputs: RunInputs, staging: Path, device: torch.device) -> None:
         raise AssertionError(f"{self.name} has no exports")
 
     def summary(self, result: PhaseResult) -> TrainingSummary:
         final = result.fit.losses[-1] if result.fit.losses else None
-        return TrainingSummary.of(self.name, result, self.cfg.engine.workers, final_loss=final, lr=self.cfg.unlearn.lr, retain=self.uses_retain)
+        return TrainingSummary.of(self.name, result, self.cfg.engine.workers, final_loss=final, lr=self.cfg.unlearn.lr, retain=self.cfg.loss.retain_loss if self.uses_retain else "none")
 
     @classmethod
     def describe(cls, name: str, s: dict) -> str:

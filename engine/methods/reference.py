@@ -32,12 +32,9 @@ class ReferenceSpec:
 
     def build_sharded(self, dtype: torch.dtype = torch.float32) -> ReferenceScorer:
         """One rank of a group holding 1/WORLD_SIZE of the reference under ZeRO-3 (torchrun-style env)."""
-        import deepspeed
+        from engine.training.zero import frozen_zero3
 
-        from engine.training.zero import load_zero3_model
-
-        ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16}}
-        engine = deepspeed.initialize(model=load_zero3_model(self.model, ds_config, dtype), config=ds_config)[0]
+        engine = frozen_zero3(self.model, dtype)
         scorer = ReferenceScorer(engine.module.eval(), self.blocks, self.batch_size, shard_group=dist.group.WORLD)
         scorer.engine = engine  # owns the hooks that gather each layer's shards in forward
         return scorer

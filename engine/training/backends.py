@@ -84,8 +84,10 @@ class TorchBackend:
         save_fn: Callable[[torch.nn.Module, Path], None],
         autocast_dtype: torch.dtype | None = None,
         objective: Objective = NEXT_TOKEN,
+        reference: torch.nn.Module | None = None,
     ):
-        self.model, self.objective = model, objective
+        """`reference`: a frozen model whose logits on the retain rows reach the objective (a KL retain term)."""
+        self.model, self.objective, self.reference = model, objective, reference
         self.device = next(model.parameters()).device
         self.cfg = cfg
         self.save_fn = save_fn
@@ -103,6 +105,14 @@ class TorchBackend:
         self.model.eval()
         return self._logits(input_ids)
 
+    def _loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to(self.device)
+        reference = None
+        if self.reference is not None:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
+                reference = self.reference(input_ids=ids[:, 1]).logits
+        return self.objective.loss_sum(self._logits(ids), ids, targets.to(self.device), reference)
+
     @torch.no_grad()
     def extrapolate_from(self, reference: Path, scale: float) -> None:
         theirs = dict(load_model(reference, "task-arithmetic reference", self.device).named_parameters())
@@ -116,7 +126,7 @@ class TorchBackend:
             return StepStats(loss=0.0, grad_norm=0.0, tokens=0)
         loss_sum = 0.0
         for input_ids, targets in micro_batches:
-            loss = self.objective.loss_sum(self._logits(input_ids), input_ids.to(self.device), targets.to(self.device))
+            loss = self._loss(input_ids, targets)
             (loss / max(total_units, 1)).backward()
             loss_sum += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf"))
@@ -129,8 +139,7 @@ class TorchBackend:
     @torch.no_grad()
     def eval_loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
         self.model.eval()
-        loss = self.objective.loss_sum(self._logits(input_ids), input_ids.to(self.device), targets.to(self.device))
-        return float(loss), self.objective.units(input_ids, targets)
+        return float(self._loss(input_ids, targets)), self.objective.units(input_ids, targets)
 
     def save(self, path: Path) -> None:
         self.save_fn(self.model, path)

@@ -91,6 +91,7 @@ class TrainJob:
     deepspeed: dict[str, Any] = field(default_factory=dict)  # user JSON merged over the generated config
     selection: MemorizationSelection | None = None  # memorization-aware: which blocks steps ascend on, when to stop
     task_arithmetic: tuple[Path, float] | None = None  # (θ_ref, λ): save θ_ref − λ·(θ − θ_ref) instead of θ
+    reference: Path | None = None  # a frozen model the trainer holds (partitioned under ZeRO-3): logits on retain rows for a KL term
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         return torch_dtype(self.dtype, device)

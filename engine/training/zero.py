@@ -82,10 +82,18 @@ def load_zero3_model(path_or_config: str | Path | PretrainedConfig, ds_config: d
     return model
 
 
+def frozen_zero3(path: str | Path, dtype: torch.dtype):
+    """A frozen model for inference, 1/WORLD_SIZE of it on each rank of the current group (ZeRO-3): the
+    engine's hooks gather each layer's shards in forward, so every rank must run the same forwards."""
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16}}
+    return deepspeed.initialize(model=load_zero3_model(path, config, dtype), config=config)[0]
+
+
 class DeepSpeedBackend:
     """`TrainBackend` on a DeepSpeed ZeRO-3 engine; every rank must make the same sequence of calls."""
 
-    def __init__(self, model: PreTrainedModel, cfg: TrainConfig, ds_config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None = None, objective: Objective = NEXT_TOKEN):
+    def __init__(self, model: PreTrainedModel, cfg: TrainConfig, ds_config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None = None, objective: Objective = NEXT_TOKEN, reference: Path | None = None):
+        """`reference`: a frozen model, partitioned like the trained one, whose logits on the retain rows reach the objective."""
         ensure_distributed()
         self.cfg, self.objective = cfg, objective
         self.tokenizer, self.ds_config = tokenizer, ds_config
@@ -94,6 +102,9 @@ class DeepSpeedBackend:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.reference = frozen_zero3(reference, self.dtype) if reference is not None else None
+        if self.reference is not None:
+            self.reference.module.eval()
 
     def all_reduce(self, *values: float) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
@@ -107,6 +118,14 @@ class DeepSpeedBackend:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.engine.eval()
         return self._logits(input_ids)
+
+    def _loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to(self.engine.device)
+        reference = None
+        if self.reference is not None:
+            with torch.no_grad():
+                reference = self.reference(input_ids=ids[:, 1]).logits
+        return self.objective.loss_sum(self._logits(ids), ids, targets.to(self.engine.device), reference)
 
     @torch.no_grad()
     def extrapolate_from(self, reference: Path, scale: float) -> None:
@@ -134,10 +153,9 @@ class DeepSpeedBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        device = self.engine.device
         for i, (input_ids, targets) in enumerate(micro_batches):
             self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-            loss = self.objective.loss_sum(self._logits(input_ids), input_ids.to(device), targets.to(device))
+            loss = self._loss(input_ids, targets)
             self.engine.backward(loss * scale, scale_wrt_gas=False)
             self.engine.step()
             loss_sum += float(loss.detach())
@@ -148,8 +166,7 @@ class DeepSpeedBackend:
     def eval_loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
         """(summed objective, its units) over every rank's batch."""
         self.engine.eval()
-        device = self.engine.device
-        loss = self.objective.loss_sum(self._logits(input_ids), input_ids.to(device), targets.to(device))
+        loss = self._loss(input_ids, targets)
         total, total_count = self.all_reduce(float(loss), self.objective.units(input_ids, targets))
         return total, int(total_count)
 

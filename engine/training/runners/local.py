@@ -34,7 +34,8 @@ def _train(job: TrainJob, resume: bool, stop: StopFlag) -> PhaseResult:
     tokenizer = load_tokenizer(job.init, "initial")
     model = load_model(job.init, "initial", device)
     autocast = torch.bfloat16 if job.torch_dtype(device) == torch.bfloat16 else None
-    backend = TorchBackend(model, job.train, save_fn=lambda m, path: save_model(m, tokenizer, path), autocast_dtype=autocast, objective=job.objective)
+    reference = load_model(job.reference, "reference", device).eval() if job.reference else None
+    backend = TorchBackend(model, job.train, save_fn=lambda m, path: save_model(m, tokenizer, path), autocast_dtype=autocast, objective=job.objective, reference=reference)
     teacher = job.teacher.build(device, job.torch_dtype(device)) if job.teacher else None
     result = fit_job(job, backend, teacher, resume, stop)
     check_interrupted(job, result, stop)

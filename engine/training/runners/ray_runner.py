@@ -167,7 +167,7 @@ def train_rank(job: TrainJob, targets: TargetSource | None, resume: bool, stop, 
     dtype = job.torch_dtype(pick_device(job.device))
     ds_config = ds_config_for(job.train, torch.distributed.get_world_size(), dtype, user=job.deepspeed)
     model = load_zero3_model(job.init, ds_config, dtype)
-    backend = DeepSpeedBackend(model, job.train, ds_config, tokenizer=load_tokenizer(job.init, "initial"), objective=job.objective)
+    backend = DeepSpeedBackend(model, job.train, ds_config, tokenizer=load_tokenizer(job.init, "initial"), objective=job.objective, reference=job.reference)
     return fit_job(job, backend, targets, resume, stop, progress)
 
 
