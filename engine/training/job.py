@@ -168,7 +168,7 @@ def throughput(result: FitResult, teacher_tokens_per_s: float = 0.0, teacher_uti
     while computing (summed over teachers) and their utilization (computing vs. blocked on full queues)."""
     seconds = max(result.seconds, 1e-9)
     return {
-        "tokens_per_s": result.tokens / seconds,
+        "tokens_per_s": result.tokens_seen / seconds,
         "label_wait_fraction": result.label_wait_seconds / seconds,
         "labeler_tokens_per_s": teacher_tokens_per_s,
         "labeler_utilization": teacher_utilization,

@@ -64,6 +64,7 @@ class FitResult:
     interrupted: bool = False  # stopped early by the `stop` flag, after checkpointing
     label_wait_seconds: float = 0.0  # spent waiting for targets (a teacher's queue)
     tokens: int = 0  # the objective's units over all ranks (trained tokens for token-level objectives)
+    tokens_seen: int = 0  # tokens through the model in steps that updated it, all ranks (a bundle counts both blocks)
     # memorization-aware phases (`selection.Selector`): the current selection, the stop level, [step, mean g,
     # selected] per re-scoring, blocks each step ascended on, whether the mean g fell below the stop level
     selected: list[int] = field(default_factory=list)
@@ -97,8 +98,8 @@ class _Validation:
         log.info("%s step %d: val loss %.4f (best %.4f at step %d)", desc, step, val_loss, result.best_val_loss, result.best_step)
 
 
-def _log_step(writer, desc: str, step: int, stats: StepStats, lr: float, seconds: float, waited: float, source: TargetSource) -> None:
-    scalars = {"loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm, "tokens_per_s": stats.tokens / max(seconds, 1e-9), "label_wait_s": waited}
+def _log_step(writer, desc: str, step: int, stats: StepStats, lr: float, seconds: float, waited: float, source: TargetSource, tokens: int) -> None:
+    scalars = {"loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm, "tokens_per_s": tokens / max(seconds, 1e-9), "label_wait_s": waited}
     for name, value in {**scalars, **source.scalars()}.items():
         writer.add_scalar(f"{desc}/{name}", value, step)
 
@@ -117,6 +118,11 @@ def _resume(checkpoints: Checkpoints | None, resume: bool, desc: str) -> tuple[i
 
 def _micro_batches(input_ids: torch.Tensor, targets: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(input_ids[i : i + size], targets[i : i + size]) for i in range(0, input_ids.shape[0], size)]
+
+
+def _checkpoint(checkpoints: Checkpoints, step: int, result: FitResult, start: float) -> None:
+    result.seconds = time.perf_counter() - start
+    checkpoints.save(step, {"step": step, "result": asdict(result)})
 
 
 def _save_final(backend: TrainBackend, save_to: Path, task_arithmetic: tuple[Path, float] | None) -> None:
@@ -183,9 +189,10 @@ def fit(
             bar.close()
             raise RunFailed(f"{desc}: the loss became {stats.loss} at step {step + 1} (lower the learning rate, check the data)")
         result.losses.append(stats.loss)
-        result.steps, result.tokens = step + 1, result.tokens + stats.tokens
+        seen = step_ids.numel() * input_ids[0].numel() if stats.tokens else 0
+        result.steps, result.tokens, result.tokens_seen = step + 1, result.tokens + stats.tokens, result.tokens_seen + seen
         if writer is not None:
-            _log_step(writer, desc, step + 1, stats, lr, time.perf_counter() - t0, t0 - t_wait, targets_for)
+            _log_step(writer, desc, step + 1, stats, lr, time.perf_counter() - t0, t0 - t_wait, targets_for, seen)
         if progress is not None and rank == 0:
             progress(step + 1, total_steps, stats.loss)
         bar.set_postfix(loss=f"{stats.loss:.3f}")
@@ -194,8 +201,7 @@ def fit(
             validation.run(step + 1, result, save_to, writer, desc)
         result.interrupted = step + 1 < total_steps and stop is not None and backend.all_reduce(float(stop.is_set()))[0] > 0
         if checkpoints is not None and (result.interrupted or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
-            result.seconds = time.perf_counter() - start
-            checkpoints.save(step + 1, {"step": step + 1, "result": asdict(result)})
+            _checkpoint(checkpoints, step + 1, result, start)
         if result.interrupted:
             log.info("%s: stopped at step %d", desc, step + 1)
             break
