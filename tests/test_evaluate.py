@@ -257,8 +257,15 @@ def test_memorization_membership_and_oracle_closeness_join_the_results(tokenizer
     results = {name: evaluate_model(model, tokenizer, cfg, saga_terms=[]) for name in ("unlearned", "oracle")}
     compare_to_oracle(results)
     unlearned = results["unlearned"]
-    for key in ("memorization_accuracy", "extraction_likelihood", "verbatim_rouge", "mia_auc_loss", "mia_auc_zlib", "mia_auc_min_k"):
+    for key in ("memorization_accuracy", "extraction_likelihood", "verbatim_rouge", "mia_auc_loss", "mia_auc_zlib", "mia_auc_min_k", "mia_auc_perturbation"):
         assert 0.0 <= unlearned[key] <= 1.0, key
     assert isinstance(unlearned["memorized_outliers"], int)
+    memorized = unlearned["details"]["memorization"]
+    accuracies = memorized["memorization_accuracy"]["per_sequence"]
+    assert memorized["band_outliers"]["count"] == unlearned["memorization_band_outliers"] == sum(g <= 0.15 or g >= 0.6 for g in accuracies)
+    assert len(unlearned["details"]["membership"]["forget"]["perturbation"]) == len(accuracies)
+    assert "mia_auc_perturbation" not in evaluate_model(model, tokenizer, dataclasses.replace(cfg, perturbations=0), saga_terms=[])
+    alone = evaluate_model(model, tokenizer, dataclasses.replace(cfg, holdout_set="", outlier_band=[0.0, 1.0]), saga_terms=[])
+    assert alone["memorized_outliers"] is None and alone["memorization_band_outliers"] == sum(g in (0.0, 1.0) for g in accuracies)
     assert unlearned["privleak"] == pytest.approx(0.0) and unlearned["forget_quality"] == pytest.approx(1.0)
     assert "privleak" not in results["oracle"]

@@ -8,7 +8,9 @@ from rouge_score import rouge_scorer
 
 from builders import tiny_llama
 from configs.errors import UserError
+from configs.schema import EvalConfig
 from engine.evaluation.memorization import (
+    band_outliers,
     extraction_likelihood,
     memorization_accuracy,
     outliers,
@@ -105,6 +107,25 @@ def test_outliers_count_scores_strictly_above_the_reference_quantile():
     assert outliers([1, 9, 9.5, 10, 20], reference)["count"] == 2
 
 
+def test_band_outliers_count_both_ends_boundaries_included():
+    # g <= 0.15 below: 0.0, 0.1, 0.15; g >= 0.6 above: 0.6, 0.95, 1.0; inside: 0.16, 0.3, 0.59 -> 6 of 9.
+    found = band_outliers([0.0, 0.1, 0.15, 0.16, 0.3, 0.59, 0.6, 0.95, 1.0])
+    assert found == {"low": 0.15, "high": 0.6, "count": 6, "fraction": 6 / 9, "below": 3, "above": 3}
+    # A narrower band: [0.5, 0.7] leaves 0.59 and 0.6 inside; 0.16 and 0.3 fall below.
+    narrow = band_outliers([0.0, 0.1, 0.15, 0.16, 0.3, 0.59, 0.6, 0.95, 1.0], low=0.5, high=0.7)
+    assert (narrow["below"], narrow["above"], narrow["count"]) == (5, 2, 7)
+    assert band_outliers([0.3, 0.4], low=0.0, high=1.0)["count"] == 0  # the widest band: only 0 and 1 count
+    assert band_outliers([0.0, 1.0], low=0.0, high=1.0)["count"] == 2
+
+
+@pytest.mark.parametrize("band", [[0.6, 0.15], [0.3, 0.3], [-0.1, 0.5], [0.2, 1.5], [0.15], [0.1, 0.2, 0.3], ["low", 0.6]])
+def test_bad_outlier_band_is_a_one_line_user_error(band):
+    with pytest.raises(UserError, match="eval.outlier_band must be two numbers") as error:
+        EvalConfig(outlier_band=band).validate()
+    assert "\n" not in str(error.value)
+    EvalConfig(outlier_band=[0.0, 1.0]).validate()
+
+
 def greedy_alone(model, prefix: list[int], total: int) -> list[int]:
     """Reference greedy decoding: one unpadded sequence, one full forward pass per new token."""
     ids = list(prefix)
@@ -144,6 +165,8 @@ def test_tiny_llama_recites_its_own_greedy_text_with_unequal_lengths_in_a_batch(
         (lambda: extraction_likelihood(COPY, [[1, 2, 3]], n=1, stride=0), "stride must be at least 1"),
         (lambda: outliers([], [1.0]), "at least one score"),
         (lambda: outliers([1.0], [1.0], quantile=95), "between 0 and 1"),
+        (lambda: band_outliers([]), "at least one memorization accuracy"),
+        (lambda: band_outliers([0.5], low=0.6, high=0.15), "0 <= low < high <= 1"),
     ],
 )
 def test_bad_input_is_a_one_line_user_error(call, message):

@@ -9,7 +9,17 @@ import torch
 
 from builders import tiny_llama
 from configs.errors import UserError
-from engine.evaluation.privacy import ks_forget_quality, mia_auc, mia_scores, privleak, roc_curve_points
+from configs.schema import EvalConfig
+from engine.evaluation.privacy import (
+    ks_forget_quality,
+    mia_auc,
+    mia_scores,
+    perturb,
+    perturbation_plan,
+    perturbation_scores,
+    privleak,
+    roc_curve_points,
+)
 
 SEEN = [0.1, 0.2, 0.3]  # low scores: looks like training data
 UNSEEN = [0.7, 0.8, 0.9]
@@ -107,6 +117,77 @@ def test_tiny_llama_unequal_lengths_batched_like_one_by_one():
         assert values == pytest.approx(single[name], abs=1e-5)
 
 
+def flip_stub() -> BigramStub:
+    """Two tokens: after 0, P(0) = 0.9 and P(1) = 0.1; after 1, a coin. Excluding the original token leaves
+    one choice, so a perturbation flips exactly the tokens at its positions, whatever the draws."""
+    return BigramStub(torch.tensor([[0.9, 0.1], [0.5, 0.5]]).log())
+
+
+def test_perturbation_score_by_hand():
+    model = flip_stub()
+    # Length 3 with spans of 2: the one span is positions 1-2, so every copy is 0 1 1 (the first token stays).
+    assert perturb(model, [[0, 0, 0]], [perturbation_plan(3, 0.15, 2, torch.Generator())]) == [[0, 1, 1]]
+    ll, ll_copy = math.log(0.9), (math.log(0.1) + math.log(0.5)) / 2
+    assert perturbation_scores(model, [[0, 0, 0]], copies=3, span=2) == [pytest.approx(-abs(ll - ll_copy))]
+    # Length 5, fraction 1: both spans, 0 1 1 1 1, whose mean log-likelihood is (log .1 + 3 log .5) / 4.
+    ll_copy = (math.log(0.1) + 3 * math.log(0.5)) / 4
+    assert perturbation_scores(model, [[0] * 5], copies=2, fraction=1.0, span=2) == [pytest.approx(-abs(ll - ll_copy))]
+
+
+def test_perturbation_auc_is_1_when_the_forget_set_sits_at_the_likelihood_peak():
+    # Forget 0 0 0 -> 0 1 1: LL falls by 1.39. Holdout 1 1 1 -> 1 0 0: LL rises by 0.29. Larger discrepancy
+    # = member, so the forget set scores lower (scores here: higher = unseen) and the AUC is 1.
+    model = flip_stub()
+    forget = perturbation_scores(model, [[0, 0, 0], [0, 0, 0]], copies=2, span=2)
+    holdout = perturbation_scores(model, [[1, 1, 1], [1, 1, 1]], copies=2, span=2)
+    member = abs(math.log(0.9) - (math.log(0.1) + math.log(0.5)) / 2)  # 1.39
+    unseen = abs(math.log(0.5) - (math.log(0.5) + math.log(0.9)) / 2)  # 0.29
+    assert forget == pytest.approx([-member] * 2) and holdout == pytest.approx([-unseen] * 2)
+    assert mia_auc(forget, holdout) == 1.0
+    assert mia_auc(holdout, forget) == 0.0
+
+
+def test_perturbation_plan_picks_whole_spans_after_the_first_token():
+    plan = perturbation_plan(64, 0.15, 2, torch.Generator().manual_seed(3))
+    positions, uniforms = plan
+    assert len(uniforms) == len(positions) and all(0 <= u < 1 for u in uniforms)
+    assert positions == sorted(set(positions)) and positions[0] >= 1 and positions[-1] <= 63
+    starts = [p for p in positions if p % 2 == 1]
+    assert len(starts) == 5  # round(0.15 * 63 / 2) spans of 2 on the grid 1-2, 3-4, ..., 63
+    assert all(p + 1 in positions for p in starts if p < 63) and all(p - 1 in positions for p in positions if p % 2 == 0)
+    assert perturbation_plan(64, 0.15, 2, torch.Generator().manual_seed(3)) == plan
+    assert perturbation_plan(64, 0.15, 2, torch.Generator().manual_seed(4)) != plan
+    assert perturbation_plan(4, 0.01, 8, torch.Generator())[0] == [1, 2, 3]  # at least one span, cut at the end
+
+
+def test_perturbed_copies_differ_exactly_at_the_plan_positions_and_are_reproducible():
+    model = tiny_llama(vocab_size=40, seed=0)
+    sequences = [[1, *range(2, 30)], [1, 5, 9, 3, 3, 3], [1, 7], [1, *range(10, 0, -1)]]
+    generator = torch.Generator().manual_seed(0)
+    plans = [perturbation_plan(len(seq), 0.3, 2, generator) for seq in sequences]
+    copies = perturb(model, sequences, plans, batch_size=3)
+    for seq, copy, (positions, _) in zip(sequences, copies, plans):
+        assert len(copy) == len(seq) and copy[0] == seq[0]
+        assert [i for i, (a, b) in enumerate(zip(seq, copy)) if a != b] == positions
+    assert perturb(model, sequences, plans, batch_size=1) == copies  # the draws do not depend on batching
+    scores = perturbation_scores(model, sequences, copies=2, seed=5)
+    assert scores == pytest.approx(perturbation_scores(model, sequences, copies=2, seed=5, batch_size=1), abs=1e-5)
+    assert scores != perturbation_scores(model, sequences, copies=2, seed=6)
+    assert all(score <= 0 for score in scores)
+
+
+@pytest.mark.parametrize(
+    "settings, fragment",
+    [({"perturbations": -1}, "eval.perturbations must be >= 0"), ({"perturb_fraction": 0.0}, "eval.perturb_fraction must be in (0, 1]"),
+     ({"perturb_fraction": 1.5}, "eval.perturb_fraction must be in (0, 1]"), ({"perturb_span": 0}, "eval.perturb_span must be > 0")],
+)
+def test_bad_perturbation_settings_are_one_line_user_errors(settings, fragment):
+    with pytest.raises(UserError) as error:
+        EvalConfig(**settings).validate()
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+    EvalConfig(perturbations=0).validate()  # 0: no perturbation attack
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -118,6 +199,10 @@ def test_tiny_llama_unequal_lengths_batched_like_one_by_one():
         lambda: mia_scores(BigramStub(torch.zeros(4, 4)), [[1, 2], [3]]),
         lambda: mia_scores(BigramStub(torch.zeros(4, 4)), [[1, 2]], texts=["a", "b"]),
         lambda: mia_scores(BigramStub(torch.zeros(4, 4)), [[1, 2]], k=0.0),
+        lambda: perturbation_scores(BigramStub(torch.zeros(4, 4)), [[1, 2], [3]]),
+        lambda: perturbation_scores(BigramStub(torch.zeros(4, 4)), [[1, 2]], copies=0),
+        lambda: perturbation_scores(BigramStub(torch.zeros(4, 4)), [[1, 2]], span=0),
+        lambda: perturbation_scores(BigramStub(torch.zeros(4, 4)), [[1, 2]], fraction=0.0),
     ],
 )
 def test_bad_input_is_a_one_line_user_error(call):

@@ -95,3 +95,23 @@ def test_benchmark_rows_carry_the_papers_numbers_beside_them(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["models"]["unlearned"]["benchmark:arc_easy"] == 0.45
     assert metrics["changes"]["benchmark:arc_easy"] == pytest.approx(-0.1)
+
+
+def test_band_outliers_and_perturbation_auc_get_rows_and_the_band_a_note(tmp_path):
+    def result(count, below, above, auc):
+        band = {"low": 0.15, "high": 0.6, "count": count, "fraction": count / 32, "below": below, "above": above}
+        memorization = {"memorization_accuracy": {"mean": 0.5, "per_sequence": [0.5]}, "band_outliers": band}
+        return {"probability_familiarity": 0.1, "completion_familiarity": 0.0, "perplexity": 9.0, "memorization_accuracy": 0.5,
+                "memorization_band_outliers": count, "mia_auc_perturbation": auc, "details": {"memorization": memorization}}
+
+    results = {"baseline": result(25, 0, 25, 0.9), "unlearned": result(5, 3, 2, 0.6)}
+    write_report(tmp_path, results, title="t")
+    report = (tmp_path / "report.md").read_text()
+    assert "| forget sequences outside the memorization-accuracy band (count) | 25 | 5 | -80.0% |" in report
+    assert "| membership AUC, perturbation (0.5 = looks unseen) | 0.9 | 0.6 | -33.3% |" in report
+    assert "baseline [0.15, 0.6]: 0 below, 25 above; unlearned [0.15, 0.6]: 3 below, 2 above" in report
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["models"]["unlearned"]["memorization_band_outliers"] == 5 and metrics["models"]["unlearned"]["mia_auc_perturbation"] == 0.6
+    assert metrics["details"]["unlearned"]["memorization"]["band_outliers"]["below"] == 3
+    rows = [line.split("  ")[0] for line in format_table(results).splitlines()[2:]]
+    assert rows.index("forget sequences outside the memorization-accuracy band (count)") == rows.index("memorization accuracy on the forget set (0-1)") + 1
