@@ -166,3 +166,29 @@ def test_task_arithmetic_moves_away_from_the_fine_tuned_weights(tmp_path):
     backend.extrapolate_from(tmp_path / "ref", 3.0)
     for (name, got), want in zip(tuned.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, want - 3.0 * 0.01, msg=name)  # θ_ref − λ·(θ − θ_ref), θ − θ_ref = 0.01
+
+
+def test_a_resumed_sga_phase_selects_and_ends_like_an_uninterrupted_one(tmp_path):
+    """The selection between re-scorings lives in the checkpoint: resuming mid-interval neither re-scores
+    early nor forgets what was selected."""
+    from test_train import StopAfter
+
+    blocks = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(1))
+    start = _memorize(tiny_model(), blocks[:8]).state_dict()
+    cfg = TrainConfig(lr=3e-3, epochs=100, micro_batch_size=4, grad_accum=1, max_steps=6, val_fraction=0.0)
+    selection = MemorizationSelection(prefix_length=4, threshold=0.7, stop_level=0.0, every=2)
+
+    def run(**kwargs):
+        model = tiny_model()
+        model.load_state_dict(start)
+        backend = TorchBackend(model, cfg, save_fn=lambda m, p: None, objective=AscentLoss())
+        return fit(backend, blocks, blocks, cfg, keep_best=False, selection=selection, **kwargs), model
+
+    whole, whole_model = run()
+    first, _ = run(checkpoint_dir=tmp_path, checkpoint_every=2, stop=StopAfter(3))
+    assert first.interrupted and first.steps == 3  # between the re-scorings of steps 2 and 4
+    resumed, resumed_model = run(checkpoint_dir=tmp_path, checkpoint_every=2, resume=True)
+    assert len(whole.memorization) == 3 and resumed.memorization == whole.memorization
+    assert resumed.touched == whole.touched and resumed.losses == pytest.approx(whole.losses, rel=1e-6)
+    for name, value in whole_model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[name], value, rtol=0, atol=1e-6)
