@@ -269,6 +269,10 @@ def train_phase(cfg: RunConfig, run: RunDir, method: Method, name: str, checked:
         reference=phase.reference,
     )
     result = runner.train(job, resume)
+    if result.fit.memorization:  # a memorization-aware phase: how its selection and stop went
+        step, mean, selected = result.fit.memorization[-1]
+        ended = "stopped below" if result.fit.stopped_early else "ended above"
+        log.info("%s: mean memorization %.3f at step %d (%d blocks selected), %s the stop level %.3f", name, mean, step, selected, ended, result.fit.stop_level)
     summary = method.summary(result) if name == "unlearn" else None
     if summary is not None:
         (job.save_to / TRAINING_SUMMARY).write_text(json.dumps(summary.as_json(), indent=2) + "\n")

@@ -250,3 +250,22 @@ def test_main_plan_reads_a_model_directory_given_as_baseline(tmp_path):
     LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4).save_pretrained(tmp_path)
     text = main_plan(str(CONFIG_DIR / "llama2-7b.yaml"), 1, 8, 80, [f"baseline={tmp_path}"])
     assert text.startswith(f"{tmp_path.name}: ") and "verdict: fits" in text
+
+
+def test_each_method_counts_its_own_frozen_models():
+    """WHP's labelers hold two frozen models, NPO's reference teacher one, GA none (no teacher GPUs at all);
+    a KL retain term and TA's task arithmetic put one more model, partitioned, on every trainer rank;
+    a retain term doubles the tokens a micro-batch holds."""
+    shape = model_shape("llama2-7b")
+    width = 2  # bfloat16
+    plans = {method: plan(load_config(CONFIG_DIR / "llama2-7b.yaml", ["out=x", "baseline=x", *extra]), shape, 1, 8, 80.0)
+             for method, extra in {"whp": [], "npo": ["method=npo"], "ga": ["method=ga"], "ta": ["method=ta"],
+                                   "graddiff-kl": ["method=graddiff", "loss.retain_loss=kl"]}.items()}
+    assert plans["whp"].labeler_models_gib == pytest.approx(2 * shape.params * width / GIB)
+    assert plans["npo"].labeler_models_gib == pytest.approx(shape.params * width / GIB) and plans["npo"].teacher_role == "reference"
+    assert plans["ga"].labelers == 0 and plans["ga"].labeler_gib == 0 and "no teachers" in format_plan(plans["ga"])
+    for method in ("ta", "graddiff-kl"):
+        assert plans[method].trainer_frozen_gib == pytest.approx(shape.params * width / 4 / GIB)
+    assert plans["whp"].trainer_frozen_gib == 0
+    assert plans["graddiff-kl"].trainer_layers_gib == pytest.approx(2 * plans["ga"].trainer_layers_gib)
+    assert "frozen reference model" in format_plan(plans["ta"])
