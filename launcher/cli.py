@@ -286,7 +286,7 @@ def plan_command(config, overrides, nodes, gpus_per_node, gpu_mem):
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[COMMAND] [CONFIG.yaml] [ARGS]...")
 def submit_command(command, nodes, gpus_per_node, cpus_per_task, partition, time_limit, account, job_name, extra_sbatch, dry_run, wait):
     """Run an obliviate command as a SLURM batch job: a Ray cluster over the nodes (head on the first), the
-    command against it. COMMAND: run (the default), reinforce, unlearn, demo; its own flags follow."""
+    command against it. COMMAND: run (the default), reinforce, unlearn, demo, compare; its own flags follow."""
     from launcher import slurm
 
     argv = slurm.normalize_command(command)
@@ -297,12 +297,18 @@ def submit_command(command, nodes, gpus_per_node, cpus_per_task, partition, time
         params = dict(sub_ctx.params)
     params.pop("overwrite", None)
     params.pop("resume", None)
-    cfg = _config(params.pop("args"), CONFIG_DIR / "demo.yaml" if argv[0] == "demo" else None, **params)
+    on_world = argv[0] == "demo" or params.pop("demo", False)  # compare --demo
+    if argv[0] == "compare":
+        from engine import compare
+
+        compare.parse_methods(params.pop("methods"))  # bad method names fail now, not in the queue
+        params["suite"] = params.pop("suite") or None
+    cfg = _config(params.pop("args"), CONFIG_DIR / "demo.yaml" if on_world else None, **params)
     slurm.check_fits(argv[0], cfg.engine.workers, cfg.engine.labelers, nodes, gpus_per_node)
     if not dry_run:  # a dry run may write the script for a cluster whose paths this machine does not have
         from engine.recipe import check_paths
 
-        check_paths(cfg, needed=() if argv[0] == "demo" else ("baseline", "target"))  # a missing file fails now, not in the queue
+        check_paths(cfg, needed=() if on_world else ("baseline", "target"))  # a missing file fails now, not in the queue
     run_dir = Path(cfg.out)
     script = slurm.render(argv, nodes, gpus_per_node, partition, time_limit, account, job_name, extra_sbatch, cpus_per_task=cpus_per_task, run_dir=run_dir)
     follow = f"follow it with: obliviate status {run_dir}; obliviate logs {run_dir}"

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 from configs.errors import UserError, first_line
 
-COMMANDS = ("run", "reinforce", "unlearn", "demo")
+COMMANDS = ("run", "reinforce", "unlearn", "demo", "compare")
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "obliviate.sbatch"
 HEADER_OPEN, HEADER_CLOSE = "# >>> sbatch header", "# <<< sbatch header"
 BAKED_OPEN, BAKED_CLOSE = "# >>> baked by obliviate submit", "# <<< baked by obliviate submit"
@@ -81,7 +81,7 @@ def check_fits(command: str, workers: int, labelers: int, nodes: int, gpus_per_n
     """Refuse, before queueing, a GPU job too small for the config's trainer ranks (+ labelers to unlearn)."""
     if gpus_per_node <= 0 or command == "demo":
         return
-    needed = workers + (labelers if command in ("run", "unlearn") else 0)
+    needed = workers + (labelers if command in ("run", "unlearn", "compare") else 0)
     have = nodes * gpus_per_node
     if needed > have:
         raise UserError(f"{command} needs {needed} GPUs (engine.workers={workers}" + (f" + engine.labelers={labelers}" if needed > workers else "") + f") but --nodes {nodes} x --gpus-per-node {gpus_per_node} gives {have}")

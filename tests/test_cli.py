@@ -297,6 +297,19 @@ def test_submit_dry_run_renders_a_valid_script_bound_to_no_public_address(tmp_pa
     assert_one_line_error(code, err, "no value for out: pass --out")  # the job script and its logs go to the run directory
 
 
+def test_submit_dry_run_takes_a_comparison_and_checks_its_methods_before_queueing(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["submit", "--nodes", "1", "--gpus-per-node", "0", "--dry-run", "compare", "--demo", "--out", run]
+    code, _, err = obliviate(*argv, "--methods", "ga,npo", capsys=capsys)
+    assert code == 0, err
+    script = (run / "slurm" / "job.sbatch").read_text()
+    assert subprocess.run(["bash", "-n", str(run / "slurm" / "job.sbatch")]).returncode == 0
+    assert "compare" in script and "--methods" in script and "ga,npo" in script
+    code, _, err = obliviate(*argv[:-2], "--out", tmp_path / "other", "--methods", "ga,nope", capsys=capsys)
+    assert_one_line_error(code, err, "unknown method 'nope'")
+    assert not (tmp_path / "other").exists()
+
+
 def test_bench_train_writes_a_row_per_worker_count(world, tmp_path, capsys):
     out = tmp_path / "bench"
     files = world["files"]
