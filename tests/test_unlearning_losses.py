@@ -192,3 +192,17 @@ def test_a_resumed_sga_phase_selects_and_ends_like_an_uninterrupted_one(tmp_path
     assert resumed.touched == whole.touched and resumed.losses == pytest.approx(whole.losses, rel=1e-6)
     for name, value in whole_model.state_dict().items():
         torch.testing.assert_close(resumed_model.state_dict()[name], value, rtol=0, atol=1e-6)
+
+
+def test_the_reference_teacher_streams_each_blocks_log_probability_without_logits():
+    from engine.data.corpus import Block
+    from engine.methods.reference import ReferenceScorer
+
+    model, blocks = tiny_model(), patterned_blocks()[:5]
+    scorer = ReferenceScorer(model, [Block("", row.tolist(), []) for row in blocks], batch_size=2)
+    got = scorer(torch.tensor([3, 0, 3]))
+    with torch.no_grad():
+        want = sequence_log_probs(model(blocks).logits, blocks)[0]
+    assert got.shape == (3, 1) and got.dtype == torch.float32
+    torch.testing.assert_close(got[:, 0], want[[3, 0, 3]], rtol=1e-5, atol=1e-4)
+    assert sorted(scorer.cache) == [0, 3] and scorer.stats() == {"blocks": 2}  # each block scored once

@@ -1,5 +1,6 @@
 """The frozen reference of NPO: streams each forget block's log-probability under the baseline, a float per
-block, through the same teacher queues as WHP's labels (never logits)."""
+block, through the same teacher queues as WHP's labels. The log-probabilities come from the final hidden
+states and the LM head in vocabulary chunks (`kernels.token_log_probs`): no [tokens × vocab] logits."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
+import kernels
 from engine.data.corpus import Block
-from engine.models import load_model
+from engine.models import check_head_gives_logits, final_hidden_states, lm_head_weights, load_model
 from engine.training.job import forward_rounds
-from engine.training.objectives import sequence_log_probs
 
 
 @dataclass
@@ -47,6 +48,8 @@ class ReferenceScorer:
     """Log p_ref(block) on demand, float [n, 1]; each block scored once (the reference is frozen)."""
 
     def __init__(self, model, blocks: list[Block], batch_size: int, shard_group=None) -> None:
+        if blocks:
+            check_head_gives_logits(model, torch.tensor([blocks[0].input_ids[:16]], device=model.device), "reference")
         self.model, self.blocks, self.batch_size, self.shard_group = model, blocks, batch_size, shard_group
         self.cache: dict[int, float] = {}
         self.units_done, self.busy_seconds = 0, 0.0
@@ -60,12 +63,19 @@ class ReferenceScorer:
             for index in range(rounds):  # past its own batches, a rank of a shard group runs dummy ones
                 ids = batches[index] if index < len(batches) else [0]
                 rows = torch.tensor([self.blocks[i].input_ids for i in ids], device=self.model.device)
-                log_probs, _ = sequence_log_probs(self.model(input_ids=rows).logits, rows)
+                log_probs = self._log_probs(rows)
                 if index < len(batches):
                     self.cache.update(zip(ids, log_probs.tolist()))
         self.units_done += len(missing) * (len(self.blocks[0].input_ids) if self.blocks else 0)
         self.busy_seconds += time.perf_counter() - start
         return torch.tensor([[self.cache[int(i)]] for i in block_ids], dtype=torch.float32).view(-1, 1)
+
+    def _log_probs(self, rows: torch.Tensor) -> torch.Tensor:
+        """Σ_t log p_ref(x_t | x_<t) per row (every rank of a shard group enters the head gather together)."""
+        hidden = final_hidden_states(self.model, rows)[:, :-1]
+        with lm_head_weights(self.model) as (weight,):
+            tokens = kernels.token_log_probs(hidden.reshape(-1, hidden.shape[-1]), weight, rows[:, 1:].reshape(-1))
+        return tokens.view(rows.shape[0], -1).sum(1)
 
     def scalars(self) -> dict[str, float]:
         return {}
