@@ -211,8 +211,14 @@ class EvalConfig:
     perturb_span: int = 2  # tokens per resampled span
     context_length: int = 512  # perplexity window (tokens)
     batch_size: int = 8
+    attacks: list[str] = field(default_factory=list)  # re-evaluate each unlearned model attacked: quant8 | quant4 (engine/evaluation/attacks.py)
 
     def validate(self) -> None:
+        for attack in self.attacks:
+            if attack not in ("quant8", "quant4"):
+                raise UserError(f"eval.attacks: unknown attack {attack!r} (choose from quant8, quant4)")
+        if len(set(self.attacks)) != len(self.attacks):
+            raise UserError("eval.attacks names an attack twice")
         if self.judge not in ("rule", "llm"):
             raise UserError(f"eval.judge must be rule or llm, got {self.judge!r}")
         if self.judge == "llm" and not self.judge_model:

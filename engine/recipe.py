@@ -29,6 +29,7 @@ from configs import RunConfig, save_config
 from configs.errors import UserError
 from engine.data.anchors import Anchors, load_anchors
 from engine.data.corpus import make_blocks, read_corpus
+from engine.evaluation.attacks import describe_recovery, quantized, recovery
 from engine.evaluation.report import format_table, write_report
 from engine.evaluation.suite import Suite, compare_to_oracle, evaluate_model, load_suite
 from engine.methods import METHODS, method_class
@@ -294,12 +295,17 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
     """The evaluation suite for each model, then each against the oracle; the report. `made`: the summaries
     of models this process trained (in memory); those of models made earlier are read from their directories."""
     terms = anchor_terms(checked.inputs.anchors)
-    results = {}
+    results, attacked = {}, {}
     for name, path in models.items():
         log.info("evaluating %s (%s)", name, path)
-        model = load_model(path, name, device, torch_dtype(cfg.dtype, device)).eval()
-        results[name] = evaluate_model(model, load_tokenizer(path, name), cfg.eval, terms, checked.suite)
+        model, tokenizer = load_model(path, name, device, torch_dtype(cfg.dtype, device)).eval(), load_tokenizer(path, name)
+        results[name] = evaluate_model(model, tokenizer, cfg.eval, terms, checked.suite)
+        for attack in cfg.eval.attacks if name not in ("baseline", "oracle") else ():
+            log.info("evaluating %s after the %s attack", name, attack)
+            attacked[f"{name} ({attack})"] = name
+            results[f"{name} ({attack})"] = evaluate_model(quantized(model, attack), tokenizer, cfg.eval, terms, checked.suite)
     compare_to_oracle(results)
+    recovered = {name: recovery(results[name], results[of], results["baseline"]) for name, of in attacked.items() if "baseline" in results}
     with SummaryWriter(str(run.root / "tb" / "eval")) as writer:
         for name, result in results.items():
             for metric, value in result.items():
@@ -307,7 +313,8 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
                     writer.add_scalar(f"{name}/{metric}", value, 0)
     summaries = {name: made.get(name) or json.loads((Path(path) / TRAINING_SUMMARY).read_text()) for name, path in models.items() if name in made or (Path(path) / TRAINING_SUMMARY).is_file()}
     notes = [describe(name, summary) for name, summary in summaries.items() if name != "baseline"]
-    write_report(run.root, results, title=title, notes=notes, extra={"training": summaries})
+    notes += [describe_recovery(name, found) for name, found in recovered.items()]
+    write_report(run.root, results, title=title, notes=notes, extra={"training": summaries, "attack_recovery": recovered})
     print(format_table(results))
     print(f"\nreport: {run.root / 'report.md'}")
     return results

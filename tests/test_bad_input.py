@@ -108,6 +108,8 @@ OUT_OF_RANGE = [
     ("eval.outlier_band=[0.6,0.15]", "eval.outlier_band must be two numbers [low, high] with 0 <= low < high <= 1"),
     ("eval.outlier_band=[0.15]", "eval.outlier_band must be two numbers"),
     ("eval.perturbations=-1", "eval.perturbations must be >= 0"),
+    ("eval.attacks=[quant3]", "eval.attacks: unknown attack 'quant3'"),
+    ("eval.attacks=[quant4,quant4]", "eval.attacks names an attack twice"),
     ("eval.perturb_fraction=1.5", "eval.perturb_fraction must be in (0, 1]"),
     ("eval.perturb_span=0", "eval.perturb_span must be > 0"),
     ("world.model.num_heads=3", "must be a multiple of world.model.num_heads"),

@@ -33,6 +33,9 @@ def test_demo_unlearns_the_saga_and_keeps_general_text(tmp_path, capsys):
     for name in ("baseline", "unlearned", "oracle"):  # the suite: memorization and membership for all three
         for key in ("memorization_accuracy", "extraction_likelihood", "verbatim_rouge", "memorized_outliers", "mia_auc_min_k"):
             assert models[name][key] is not None, (name, key)
+    for attack in ("quant8", "quant4"):  # the demo's attacks re-evaluate each unlearned model quantized
+        assert models[f"unlearned ({attack})"]["probability_familiarity"] is not None
+        assert metrics["extra"]["attack_recovery"][f"unlearned ({attack})"]["probability_familiarity"] is not None
     for name in ("baseline", "unlearned"):  # closeness to the oracle for the others
         assert models[name]["privleak"] is not None and models[name]["forget_quality"] is not None
 

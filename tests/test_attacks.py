@@ -1,0 +1,56 @@
+"""The evaluation suite's attacks: weight-only quantization really quantizes, and recovery is computed right."""
+
+import json
+
+import pytest
+import torch
+from optimum.quanto import QBitsTensor, QBytesTensor
+
+from builders import obliviate, tiny_llama
+from engine.evaluation.attacks import describe_recovery, quantized, recovery
+from test_cli import world  # noqa: F401 - the module-scoped tiny world
+
+
+def test_recovery_on_hand_made_numbers():
+    baseline = {"probability_familiarity": 0.8, "memorization_accuracy": 0.9, "completion_familiarity": 4.0, "mia_auc_min_k": 0.9}
+    unlearned = {"probability_familiarity": 0.1, "memorization_accuracy": 0.6, "completion_familiarity": 4.0, "mia_auc_min_k": None}
+    attacked = {"probability_familiarity": 0.45, "memorization_accuracy": 0.5, "completion_familiarity": 3.0, "mia_auc_min_k": 0.7}
+    found = recovery(attacked, unlearned, baseline)
+    assert found["probability_familiarity"] == pytest.approx(0.5)  # half the way back to the baseline
+    assert found["memorization_accuracy"] == pytest.approx(-1 / 3)  # the attack forgot more
+    assert found["completion_familiarity"] is None  # unlearning did not change it
+    assert found["mia_auc_min_k"] is None and found["extraction_likelihood"] is None  # not measured
+    assert describe_recovery("unlearned (quant4)", found) == "unlearned (quant4): recovery toward the baseline — probability familiarity 50%, memorization accuracy -33%"
+
+
+@pytest.mark.parametrize("attack, kind, bits", [("quant8", QBytesTensor, 8), ("quant4", QBitsTensor, 4)])
+def test_quantization_really_quantizes_the_weights_and_the_model_still_generates(attack, kind, bits):
+    model = tiny_llama(500, 0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    attacked = quantized(model, attack)
+    layer = attacked.model.layers[0].mlp.gate_proj
+    assert isinstance(layer.weight, kind)
+    stored = layer.weight._data
+    raw = stored._data if bits == 4 else stored  # int4 values are packed two to a byte
+    assert raw.dtype in (torch.int8, torch.uint8) and raw.numel() * raw.element_size() * 8 == layer.weight.numel() * bits
+    assert not torch.equal(layer.weight.dequantize(), model.model.layers[0].mlp.gate_proj.weight)  # rounded to the grid
+    for name, p in model.named_parameters():  # the evaluated model is left as it was
+        assert torch.equal(p, before[name]), name
+    prompt = torch.tensor([[1, 5, 9, 13]])
+    out = attacked.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 9) and torch.equal(out[:, :4], prompt)
+
+
+def test_eval_runs_the_attacks_on_the_unlearned_model_and_reports_recovery(world, tmp_path, capsys):  # noqa: F811
+    small = ["eval.sequence_length=32", "eval.prefix_length=16", "eval.el_n=4", "eval.max_sequences=4", "eval.max_new_tokens=4", "eval.context_length=64", "eval.perturbations=0"]
+    run = tmp_path / "run"
+    code, out, err = obliviate(
+        "eval", "--model", world["other"], "--baseline", world["baseline"], "--anchors", world["files"].anchors,
+        "--suite", world["files"].suite, "--out", run, *small, "eval.attacks=[quant8,quant4]", capsys=capsys,
+    )
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics["models"]) == ["baseline", "unlearned", "unlearned (quant8)", "unlearned (quant4)"]
+    assert set(metrics["extra"]["attack_recovery"]) == {"unlearned (quant8)", "unlearned (quant4)"}
+    assert "unlearned (quant4): recovery toward the baseline" in (run / "report.md").read_text()
+    assert "unlearned (quant8)" in out
