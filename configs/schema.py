@@ -211,12 +211,21 @@ class EvalConfig:
     perturb_span: int = 2  # tokens per resampled span
     context_length: int = 512  # perplexity window (tokens)
     batch_size: int = 8
-    attacks: list[str] = field(default_factory=list)  # re-evaluate each unlearned model attacked: quant8 | quant4 (engine/evaluation/attacks.py)
+    attacks: list[str] = field(default_factory=list)  # re-evaluate each unlearned model attacked: quant8 | quant4 | relearn (engine/evaluation/attacks.py)
+    relearn_steps: list[int] = field(default_factory=lambda: [2, 4, 8])  # relearn: evaluate after these many fine-tuning steps
+    relearn_blocks: int = 8  # relearn: forget-set blocks of sequence_length after the evaluated ones, one step's batch
+    relearn_lr: float = 1e-5  # relearn: AdamW learning rate
 
     def validate(self) -> None:
         for attack in self.attacks:
-            if attack not in ("quant8", "quant4"):
-                raise UserError(f"eval.attacks: unknown attack {attack!r} (choose from quant8, quant4)")
+            if attack not in ("quant8", "quant4", "relearn"):
+                raise UserError(f"eval.attacks: unknown attack {attack!r} (choose from quant8, quant4, relearn)")
+        if not self.relearn_steps or any(steps < 1 for steps in self.relearn_steps):
+            raise UserError(f"eval.relearn_steps must be step counts >= 1, got {self.relearn_steps}")
+        _positive("eval.relearn_blocks", self.relearn_blocks)
+        _positive("eval.relearn_lr", self.relearn_lr)
+        if "relearn" in self.attacks and not self.forget_set:
+            raise UserError("eval.attacks: relearn needs eval.forget_set (it fine-tunes on forget-set blocks the evaluation does not score)")
         if len(set(self.attacks)) != len(self.attacks):
             raise UserError("eval.attacks names an attack twice")
         if self.judge not in ("rule", "llm"):

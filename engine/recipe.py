@@ -29,7 +29,7 @@ from configs import RunConfig, save_config
 from configs.errors import UserError
 from engine.data.anchors import Anchors, load_anchors
 from engine.data.corpus import make_blocks, read_corpus
-from engine.evaluation.attacks import describe_recovery, quantized, recovery
+from engine.evaluation.attacks import attacked_models, describe_recovery, recovery
 from engine.evaluation.report import format_table, write_report
 from engine.evaluation.suite import Suite, compare_to_oracle, evaluate_model, load_suite
 from engine.methods import METHODS, method_class
@@ -301,9 +301,10 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
         model, tokenizer = load_model(path, name, device, torch_dtype(cfg.dtype, device)).eval(), load_tokenizer(path, name)
         results[name] = evaluate_model(model, tokenizer, cfg.eval, terms, checked.suite)
         for attack in cfg.eval.attacks if name not in ("baseline", "oracle") else ():
-            log.info("evaluating %s after the %s attack", name, attack)
-            attacked[f"{name} ({attack})"] = name
-            results[f"{name} ({attack})"] = evaluate_model(quantized(model, attack), tokenizer, cfg.eval, terms, checked.suite)
+            for label, attacked_model in attacked_models(model, tokenizer, attack, cfg.eval, checked.suite.forget):
+                log.info("evaluating %s after the %s attack", name, label)
+                attacked[f"{name} ({label})"] = name
+                results[f"{name} ({label})"] = evaluate_model(attacked_model, tokenizer, cfg.eval, terms, checked.suite)
     compare_to_oracle(results)
     recovered = {name: recovery(results[name], results[of], results["baseline"]) for name, of in attacked.items() if "baseline" in results}
     with SummaryWriter(str(run.root / "tb" / "eval")) as writer:

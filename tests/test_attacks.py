@@ -7,7 +7,8 @@ import torch
 from optimum.quanto import QBitsTensor, QBytesTensor
 
 from builders import obliviate, tiny_llama
-from engine.evaluation.attacks import describe_recovery, quantized, recovery
+from engine.evaluation.attacks import describe_recovery, quantized, recovery, relearned
+from engine.training.objectives import causal_lm_loss_sum
 from test_cli import world  # noqa: F401 - the module-scoped tiny world
 
 
@@ -41,16 +42,36 @@ def test_quantization_really_quantizes_the_weights_and_the_model_still_generates
     assert out.shape == (1, 9) and torch.equal(out[:, :4], prompt)
 
 
+def test_relearning_fine_tunes_a_copy_and_yields_it_after_each_step_count():
+    model = tiny_llama(64, 0)
+    blocks = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def nll(m):
+        with torch.no_grad():
+            loss, count = causal_lm_loss_sum(m(blocks).logits, blocks)
+        return float(loss) / count
+
+    start = nll(model)
+    seen = [(steps, nll(copy)) for steps, copy in relearned(model, blocks, [3, 1], lr=1e-2)]
+    assert [steps for steps, _ in seen] == [1, 3]  # in order, each count once
+    assert start > seen[0][1] > seen[1][1], "relearning lowers the loss on the relearned text, more with more steps"
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
 def test_eval_runs_the_attacks_on_the_unlearned_model_and_reports_recovery(world, tmp_path, capsys):  # noqa: F811
     small = ["eval.sequence_length=32", "eval.prefix_length=16", "eval.el_n=4", "eval.max_sequences=4", "eval.max_new_tokens=4", "eval.context_length=64", "eval.perturbations=0"]
     run = tmp_path / "run"
     code, out, err = obliviate(
         "eval", "--model", world["other"], "--baseline", world["baseline"], "--anchors", world["files"].anchors,
-        "--suite", world["files"].suite, "--out", run, *small, "eval.attacks=[quant8,quant4]", capsys=capsys,
+        "--suite", world["files"].suite, "--out", run, *small, "eval.attacks=[quant8,quant4,relearn]", "eval.relearn_steps=[1,2]",
+        "eval.relearn_blocks=2", "eval.relearn_lr=1e-3", capsys=capsys,
     )
     assert code == 0, err
     metrics = json.loads((run / "metrics.json").read_text())
-    assert list(metrics["models"]) == ["baseline", "unlearned", "unlearned (quant8)", "unlearned (quant4)"]
-    assert set(metrics["extra"]["attack_recovery"]) == {"unlearned (quant8)", "unlearned (quant4)"}
+    attacked = ["unlearned (quant8)", "unlearned (quant4)", "unlearned (relearn 1)", "unlearned (relearn 2)"]
+    assert list(metrics["models"]) == ["baseline", "unlearned", *attacked]
+    assert set(metrics["extra"]["attack_recovery"]) == set(attacked)
     assert "unlearned (quant4): recovery toward the baseline" in (run / "report.md").read_text()
     assert "unlearned (quant8)" in out

@@ -76,7 +76,7 @@ def assert_refused(code, err, expected_code, fragment):
 # ------------------------------------------------------------------------------------------------ numbers
 
 FLOATS = [f"{phase}.{key}" for phase in ("reinforce", "unlearn") for key in ("lr", "epochs", "weight_decay", "grad_clip", "val_fraction")]
-FLOATS += ["loss.beta", "loss.retain_weight", "memorization.select_threshold", "memorization.stop_level", "memorization.task_lambda"]
+FLOATS += ["eval.relearn_lr", "loss.beta", "loss.retain_weight", "memorization.select_threshold", "memorization.stop_level", "memorization.task_lambda"]
 FLOATS += ["labels.alpha", "eval.temperature", "eval.top_p", "eval.min_k", "eval.perturb_fraction", "engine.label_timeout_s", "world.size", "world.pretrain.lr"]
 NON_FINITE = [(f"{key}={value}", f"{key} must be a finite number") for key in FLOATS for value in ("nan", "inf", "-inf")]
 NON_FINITE += [("labels.alpha_multipliers=[1.0,nan]", "labels.alpha_multipliers must be a finite number")]
@@ -110,6 +110,9 @@ OUT_OF_RANGE = [
     ("eval.perturbations=-1", "eval.perturbations must be >= 0"),
     ("eval.attacks=[quant3]", "eval.attacks: unknown attack 'quant3'"),
     ("eval.attacks=[quant4,quant4]", "eval.attacks names an attack twice"),
+    ("eval.attacks=[relearn]", "relearn needs eval.forget_set"),
+    ("eval.relearn_steps=[0]", "eval.relearn_steps must be step counts >= 1"),
+    ("eval.relearn_blocks=0", "eval.relearn_blocks must be > 0"),
     ("eval.perturb_fraction=1.5", "eval.perturb_fraction must be in (0, 1]"),
     ("eval.perturb_span=0", "eval.perturb_span must be > 0"),
     ("world.model.num_heads=3", "must be a multiple of world.model.num_heads"),
