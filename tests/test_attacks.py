@@ -73,5 +73,21 @@ def test_eval_runs_the_attacks_on_the_unlearned_model_and_reports_recovery(world
     attacked = ["unlearned (quant8)", "unlearned (quant4)", "unlearned (relearn 1)", "unlearned (relearn 2)"]
     assert list(metrics["models"]) == ["baseline", "unlearned", *attacked]
     assert set(metrics["extra"]["attack_recovery"]) == set(attacked)
+    assert (run / "report-relearn.png").stat().st_size > 0 and "report-relearn.png" in (run / "report.md").read_text()
     assert "unlearned (quant4): recovery toward the baseline" in (run / "report.md").read_text()
     assert "unlearned (quant8)" in out
+
+
+def test_relearning_curves_gather_each_models_recovery_by_step_count():
+    from engine.evaluation.report import _relearning_curves
+
+    recovered = {
+        "unlearned (relearn 4)": {"probability_familiarity": 0.5, "memorization_accuracy": None},
+        "unlearned (relearn 2)": {"probability_familiarity": 0.25, "memorization_accuracy": 0.1},
+        "unlearned (quant4)": {"probability_familiarity": 0.9},
+        "other (v2) (relearn 1)": {"probability_familiarity": 0.0},
+    }
+    assert _relearning_curves(recovered) == {
+        "unlearned": {"probability_familiarity": [(2, 0.25), (4, 0.5)], "memorization_accuracy": [(2, 0.1)]},
+        "other (v2)": {"probability_familiarity": [(1, 0.0)]},
+    }

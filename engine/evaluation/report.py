@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -58,7 +59,39 @@ def write_report(
     if any(isinstance(r.get("details", {}).get("memorization"), dict) for r in results.values()):
         _write_atomic(run_dir / "report-memorization.png", _plot_memorization(results))
         figures.append("report-memorization.png")
+    relearning = _relearning_curves((extra or {}).get("attack_recovery") or {})
+    if relearning:
+        _write_atomic(run_dir / "report-relearn.png", _plot_relearning(relearning))
+        figures.append("report-relearn.png")
     _write_atomic(run_dir / "report.md", _markdown(results, title, notes, figures).encode())
+
+
+RELEARN_COLUMN = re.compile(r"^(?P<model>.+) \(relearn (?P<steps>\d+)\)$")
+
+
+def _relearning_curves(recovered: dict[str, dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{model: {metric: [(steps, recovery), ...]}} from the relearn attack's columns ("NAME (relearn K)")."""
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for column, found in recovered.items():
+        match = RELEARN_COLUMN.match(column)
+        for metric, value in (found.items() if match else ()):
+            if value is not None:
+                curves.setdefault(match["model"], {}).setdefault(metric, []).append((int(match["steps"]), value))
+    return {model: {metric: sorted(points) for metric, points in metrics.items()} for model, metrics in curves.items()}
+
+
+def _plot_relearning(curves: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes:
+    """Recovery toward the baseline against relearning steps: one panel per model, one line per metric."""
+    fig = Figure(figsize=(5 * len(curves), 3.6), layout="constrained")
+    for ax, (model, metrics) in zip(fig.subplots(1, len(curves), squeeze=False).ravel(), curves.items()):
+        for metric, points in metrics.items():
+            ax.plot([steps for steps, _ in points], [100 * value for _, value in points], marker="o", label=_label(metric))
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set(title=f"{model}: relearning", xlabel="fine-tuning steps on held-apart forget text", ylabel="recovery toward the baseline (%)")
+        ax.legend(fontsize=6)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
 
 
 def metric_names(results: dict[str, dict]) -> list[str]:
