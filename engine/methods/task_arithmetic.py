@@ -37,20 +37,24 @@ class TaskArithmetic(GradientAscent):
         if "unlearn" in todo and "ascend" not in todo:
             check_model_dir(inputs.outputs["ascend"], "ascended")
 
+    @property
+    def scale(self) -> float:
+        """λ: the configured one, else the method's."""
+        given = self.cfg.memorization.task_lambda
+        return self.task_lambda if given is None else given
+
     def phase(self, name: str, inputs: RunInputs) -> Phase:
-        m = self.cfg.memorization
+        m, train = self.cfg.memorization, getattr(self.cfg, self.train_sections[name])
         if name == "ascend":
             switch = self.switch_level if m.switch_level is None else m.switch_level
             selection = MemorizationSelection(m.prefix_length, m.select_threshold if self.selective else 0.0, switch, m.rescore_every, batch_size=self.cfg.eval.batch_size)
-            return Phase("ascend", inputs.baseline, self.cfg.unlearn, self.objective(), selection=selection)  # train_sections
-        scale = self.task_lambda if m.task_lambda is None else m.task_lambda
+            return Phase("ascend", inputs.baseline, train, self.objective(), selection=selection)
         ascended = inputs.outputs["ascend"]
-        return Phase("unlearn", ascended, self.cfg.finetune, NEXT_TOKEN, task_arithmetic=(ascended, scale))
+        return Phase("unlearn", ascended, train, NEXT_TOKEN, task_arithmetic=(ascended, self.scale))
 
     def summary(self, result: PhaseResult) -> TrainingSummary:
-        m = self.cfg.memorization
-        scale = self.task_lambda if m.task_lambda is None else m.task_lambda
-        return TrainingSummary.of(self.name, result, self.cfg.engine.workers, final_loss=None, lr=self.cfg.finetune.lr, task_lambda=scale, retain=False)
+        lr = getattr(self.cfg, self.train_sections["unlearn"]).lr
+        return TrainingSummary.of(self.name, result, self.cfg.engine.workers, final_loss=None, lr=lr, task_lambda=self.scale, retain=False)
 
     @classmethod
     def describe(cls, name: str, s: dict) -> str:
