@@ -146,7 +146,7 @@ def run(cfg: RunConfig, plan: Plan, overwrite: bool, resume: bool, runner: Runne
     metrics = None
     if plan.evaluate or made or _stale(root / "metrics.json", names):  # a kept evaluation of other models is redone
         again = not plan.evaluate
-        result = recipe.run(cfg, ["eval"], overwrite or again, "compare", eval_models=models, title=title, resume=resume and not again, made=made)
+        result = recipe.run(cfg, ["eval"], overwrite or again, "compare", eval_models=models, title=title, runner=runner, resume=resume and not again, made=made)
         metrics = result.metrics
     if metrics is None:
         metrics = results_from_metrics(json.loads((root / "metrics.json").read_text()))

@@ -31,7 +31,8 @@ from engine.data.anchors import Anchors, load_anchors
 from engine.data.corpus import make_blocks, read_corpus
 from engine.evaluation.attacks import attacked_models, describe_recovery, recovery
 from engine.evaluation.report import format_table, write_report
-from engine.evaluation.suite import Suite, compare_to_oracle, evaluate_model, load_suite
+from engine.evaluation.ranks import EvalJob, inference_zero, measure_models
+from engine.evaluation.suite import Suite, combine, compare_to_oracle, evaluate_model, load_suite, workload
 from engine.methods import METHODS, method_class
 from engine.methods.base import Method, RunInputs, TrainingSummary
 from engine.models import check_model_dir, check_tokenizer_fits, load_model, load_tokenizer, pick_device, torch_dtype
@@ -291,20 +292,26 @@ def describe(name: str, summary: dict) -> str:
     return METHODS[summary.get("method", "whp")].describe(name, summary)
 
 
-def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch.device, title: str, checked: Checked, made: dict[str, dict]) -> dict:
-    """The evaluation suite for each model, then each against the oracle; the report. `made`: the summaries
-    of models this process trained (in memory); those of models made earlier are read from their directories."""
+def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch.device, title: str, checked: Checked, made: dict[str, dict], runner: Runner) -> dict:
+    """The evaluation suite for each model on `runner`'s ranks (in this process with the local runner), the
+    attacks on each unlearned model here, then each model against the oracle; the report. `made`: the
+    summaries of models this process trained (in memory); those of models made earlier are read from their directories."""
     terms = anchor_terms(checked.inputs.anchors)
+    tokenizers = {name: load_tokenizer(path, name) for name, path in models.items()}
+    jobs = [EvalJob(name, Path(path), workload(tokenizers[name], cfg.eval, checked.suite)) for name, path in models.items()]
+    log.info("evaluating %s", ", ".join(f"{name} ({path})" for name, path in models.items()))
+    measured = runner.on_ranks(measure_models, jobs, cfg.eval, cfg.device, cfg.dtype, inference_zero(checked.deepspeed), what="evaluation")
     results, attacked = {}, {}
-    for name, path in models.items():
-        log.info("evaluating %s (%s)", name, path)
-        model, tokenizer = load_model(path, name, device, torch_dtype(cfg.dtype, device)).eval(), load_tokenizer(path, name)
-        results[name] = evaluate_model(model, tokenizer, cfg.eval, terms, checked.suite)
-        for attack in cfg.eval.attacks if name not in ("baseline", "oracle") else ():
-            for label, attacked_model in attacked_models(model, tokenizer, attack, cfg.eval, checked.suite.forget):
-                log.info("evaluating %s after the %s attack", name, label)
-                attacked[f"{name} ({label})"] = name
-                results[f"{name} ({label})"] = evaluate_model(attacked_model, tokenizer, cfg.eval, terms, checked.suite)
+    for index, job in enumerate(jobs):
+        results[job.name] = combine(job.work, [rank[index] for rank in measured], tokenizers[job.name], cfg.eval, checked.suite, terms)
+        if job.name in ("baseline", "oracle") or not cfg.eval.attacks:
+            continue
+        model = load_model(job.path, job.name, device, torch_dtype(cfg.dtype, device)).eval()  # whole, here: see docs/engine.md
+        for attack in cfg.eval.attacks:
+            for label, attacked_model in attacked_models(model, tokenizers[job.name], attack, cfg.eval, checked.suite.forget):
+                log.info("evaluating %s after the %s attack", job.name, label)
+                attacked[f"{job.name} ({label})"] = job.name
+                results[f"{job.name} ({label})"] = evaluate_model(attacked_model, tokenizers[job.name], cfg.eval, terms, checked.suite)
     compare_to_oracle(results)
     recovered = {name: recovery(results[name], results[of], results["baseline"]) for name, of in attacked.items() if "baseline" in results}
     with SummaryWriter(str(run.root / "tb" / "eval")) as writer:
@@ -364,5 +371,5 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
                 result.summary = summary or result.summary
         if "eval" in todo:
             made = {**(made or {}), **({"unlearned": result.summary} if not eval_models else {})}
-            result.metrics = evaluate(cfg, directory, models, device, title, checked, {name: s.as_json() for name, s in made.items() if s})
+            result.metrics = evaluate(cfg, directory, models, device, title, checked, {name: s.as_json() for name, s in made.items() if s}, runner or LocalRunner())
     return result

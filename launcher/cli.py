@@ -52,7 +52,7 @@ def _config(args, default_config: Path | None = None, workers: int | None = None
 
 
 def _runner(cfg: RunConfig):
-    """Ray workers with DeepSpeed ZeRO-3, or this process for `engine.workers=0`."""
+    """Ray workers with DeepSpeed ZeRO-3, or this process for `engine.workers=0`: training and evaluation alike."""
     if cfg.engine.workers == 0:
         from engine.training.runners.local import LocalRunner
 
@@ -112,10 +112,10 @@ def demo(args, overwrite, resume, **flags):
     with _runner(cfg) as runner:
         faithful = recipe.run(cfg, ["reinforce", "unlearn"], overwrite, "demo", runner=runner, resume=resume)
         other = recipe.run(variant, ["unlearn"], overwrite, "demo (variant)", runner=runner, resume=resume)
-    variant_name = f"unlearned ({'forbid-keys' if variant.labels.forbid_anchor_keys else 'faithful'})"
-    models = {"baseline": Path(cfg.baseline), "unlearned": root / "unlearned", variant_name: Path(variant.out) / "unlearned"}
-    made = {"unlearned": faithful.summary, variant_name: other.summary}
-    recipe.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga", resume=resume, made=made)
+        variant_name = f"unlearned ({'forbid-keys' if variant.labels.forbid_anchor_keys else 'faithful'})"
+        models = {"baseline": Path(cfg.baseline), "unlearned": root / "unlearned", variant_name: Path(variant.out) / "unlearned"}
+        made = {"unlearned": faithful.summary, variant_name: other.summary}
+        recipe.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga", runner=runner, resume=resume, made=made)
 
 
 @cli.command(name="compare")
@@ -179,7 +179,8 @@ _phase_command("labels", "Export the generic labels of every block into RUN/labe
 @run_options("baseline", "anchors", "oracle")
 def eval_command(args, overwrite, resume, model, **flags):
     """The evaluation suite on a model, beside the baseline and oracle when given: familiarity, perplexity,
-    memorization, membership inference, closeness to the oracle, lm-eval benchmarks."""
+    memorization, membership inference, closeness to the oracle, lm-eval benchmarks. On engine.workers Ray
+    ranks, each model ZeRO-3-partitioned over them (0: in this process)."""
     from engine import recipe
     from engine.models import check_model_dir
 
@@ -187,7 +188,8 @@ def eval_command(args, overwrite, resume, model, **flags):
     models = {"unlearned": check_model_dir(model, "evaluated")}
     if cfg.baseline:
         models = {"baseline": check_model_dir(cfg.baseline, "baseline"), **models}
-    recipe.run(cfg, ["eval"], overwrite, "eval", eval_models=models, title=f"obliviate eval: {model}", resume=resume)
+    with _runner(cfg) as runner:
+        recipe.run(cfg, ["eval"], overwrite, "eval", eval_models=models, title=f"obliviate eval: {model}", runner=runner, resume=resume)
 
 
 @cli.group()

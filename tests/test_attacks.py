@@ -65,7 +65,7 @@ def test_eval_runs_the_attacks_on_the_unlearned_model_and_reports_recovery(world
     run = tmp_path / "run"
     code, out, err = obliviate(
         "eval", "--model", world["other"], "--baseline", world["baseline"], "--anchors", world["files"].anchors,
-        "--suite", world["files"].suite, "--out", run, *small, "eval.attacks=[quant8,quant4,relearn]", "eval.relearn_steps=[1,2]",
+        "--suite", world["files"].suite, "--out", run, "--workers", "0", *small, "eval.attacks=[quant8,quant4,relearn]", "eval.relearn_steps=[1,2]",
         "eval.relearn_blocks=2", "eval.relearn_lr=1e-3", capsys=capsys,
     )
     assert code == 0, err

@@ -483,7 +483,7 @@ def test_the_other_commands_refuse_bad_input_in_one_line(world, tmp_path, monkey
 def test_a_later_command_never_rewrites_the_finished_runs_record(world, finished):
     record = (finished / "config.yaml").read_bytes()
     models = checksums(finished / "unlearned")
-    code, err = _cli(["eval", "--model", finished / "unlearned", "--out", finished, "--overwrite", f"eval.probes={world['files'].probes}", "eval.tasks=[]", "eval.max_new_tokens=4"])
+    code, err = _cli(["eval", "--model", finished / "unlearned", "--out", finished, "--overwrite", "--workers", "0", f"eval.probes={world['files'].probes}", "eval.tasks=[]", "eval.max_new_tokens=4"])
     assert code == 0, err
     assert (finished / "config.yaml").read_bytes() == record and (finished / "config-eval.yaml").is_file()
     assert checksums(finished / "unlearned") == models

@@ -154,7 +154,7 @@ def test_phases_chain_through_the_run_dir_and_finished_phases_need_overwrite(wor
 
     files = world["files"]
     evals = [f"eval.probes={files.probes}", f"eval.completions={files.completions}", f"eval.general_text={files.general_heldout}", "eval.max_new_tokens=4", "eval.context_length=64", "eval.tasks=[]"]
-    code, out, err = obliviate("eval", "--model", run / "unlearned", "--baseline", world["baseline"], "--anchors", files.anchors, "--out", run, *evals, capsys=capsys)
+    code, out, err = obliviate("eval", "--model", run / "unlearned", "--baseline", world["baseline"], "--anchors", files.anchors, "--out", run, "--workers", "0", *evals, capsys=capsys)
     assert code == 0, err
     assert "baseline" in out and "unlearned" in out
     report = (run / "report.md").read_text()
@@ -254,7 +254,7 @@ def test_eval_with_the_world_suite_reports_memorization_privacy_and_oracle_close
     small = ["eval.sequence_length=32", "eval.prefix_length=16", "eval.el_n=4", "eval.max_sequences=4", "eval.max_new_tokens=4", "eval.context_length=64"]
     code, out, err = obliviate(
         "eval", "--model", world["baseline"], "--oracle", world["baseline"], "--anchors", world["files"].anchors,
-        "--suite", world["files"].suite, "--out", tmp_path / "run", *small, capsys=capsys,
+        "--suite", world["files"].suite, "--out", tmp_path / "run", "--workers", "0", *small, capsys=capsys,
     )
     assert code == 0, err
     for row in ("memorization accuracy", "membership AUC, Min-K%", "PrivLeak", "forget quality"):

@@ -58,6 +58,8 @@ def run_benchmarks(model, tokenizer, tasks: dict, limit: int | None = None, batc
     with inference(model):  # HFLM switches the model to eval mode; `inference` gives it its mode back after
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model_device(model)))
         output = simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit, log_samples=False, bootstrap_iters=0, random_seed=0)
+    if output is None:  # lm-eval reports on LOCAL_RANK 0 only: another rank of an evaluation group, whose rank 0 reports
+        return {}
     scores = {}
     for name, metrics in output["results"].items():
         scores[name] = {key.split(",")[0]: float(value) for key, value in metrics.items() if key.endswith(",none") and isinstance(value, (int, float)) and "stderr" not in key}

@@ -3,8 +3,9 @@
 Forward passes under `inference` (eval mode, no gradients, the model's mode restored after), in batches
 with a progress bar (`batches`), give fp32 next-token log-probabilities of token sequences
 (`next_token_log_probs`, right-padded); `generate` decodes continuations of prompts with
-`model.generate` (left-padded by `left_padded`, with `pad_token_id`). This module imports none of the
-other evaluation modules: they all import it.
+`model.generate` (left-padded by `left_padded`, with `pad_token_id`). On the ranks of a ZeRO-3 group,
+`in_lockstep` keeps ranks that make different numbers of forward passes in step, and `share` says which
+items each rank measures. This module imports none of the other evaluation modules: they all import it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from configs.errors import UserError
@@ -95,6 +97,62 @@ def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, desc: 
     with inference(model):
         for batch in batches(prompts, batch_size, desc):
             ids, mask = left_padded(batch, pad_id)
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)
+            # synced_gpus=False: on a ZeRO-3 rank `in_lockstep` keeps the forwards in step, generate's own sync would collide.
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), synced_gpus=False, **options)
             completions += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     return completions
+
+
+def share(count: int, batch_size: int, rank: int, world: int) -> slice:
+    """Rank `rank`'s contiguous share of `count` items: a balanced run of whole batches of `batch_size`, so
+    every batch a rank runs is one the single process runs too (same rows, same padding, same numbers)."""
+    batches = -(-count // batch_size)
+    base, extra = divmod(batches, world)
+    first = rank * base + min(rank, extra)
+    last = first + base + (rank < extra)
+    return slice(min(first * batch_size, count), min(last * batch_size, count))
+
+
+class _Lockstep:
+    """The forward pre-hook and the padding loop behind `in_lockstep`."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.padding = model, False
+        # Ahead of DeepSpeed's own hooks, so the announcement precedes the forward's first gather on every rank.
+        self.hook = model.register_forward_pre_hook(self.announce, prepend=True)
+
+    def busy_ranks(self, busy: int) -> int:
+        flag = torch.tensor([busy], dtype=torch.long, device=model_device(self.model))
+        dist.all_reduce(flag)
+        return int(flag.item())
+
+    def announce(self, module, args) -> None:
+        if not self.padding:
+            self.busy_ranks(1)
+
+    def finish(self) -> None:
+        """Padding forwards (one token) while any other rank still makes real ones; then every rank is done."""
+        self.padding = True
+        padding = torch.zeros(1, 1, dtype=torch.long, device=model_device(self.model))
+        with torch.no_grad():
+            while self.busy_ranks(0):
+                self.model(input_ids=padding)
+
+
+@contextmanager
+def in_lockstep(model: torch.nn.Module) -> Iterator[None]:
+    """Any forward passes on each rank of a ZeRO-3 group, however many, kept in step with the other ranks'.
+
+    Under ZeRO-3 every forward gathers each layer's shards from all ranks, so a rank that makes one forward
+    fewer leaves the others waiting forever. Ranks measuring their own shares make different numbers (a last
+    short batch, a longer greedy decode, `generate` stopping early): before each forward a rank announces it
+    in an all-reduce, and a rank whose work is done runs one-token padding forwards until no rank announces
+    any more. One scalar all-reduce per forward; `generate` must not sync by itself (synced_gpus=False). An
+    error leaves the others waiting: the caller tears the group down.
+    """
+    step = _Lockstep(model)
+    try:
+        yield
+        step.finish()
+    finally:
+        step.hook.remove()

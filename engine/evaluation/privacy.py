@@ -22,6 +22,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from configs.errors import UserError
 from engine.evaluation.inference import batches, inference, model_device, next_token_log_probs
 
+Plan = tuple[list[int], list[float]]  # the positions one perturbed copy resamples, a uniform draw for each
+
 
 def mia_scores(
     model, sequences: list[list[int]], texts: list[str] | None = None, k: float = 0.2, batch_size: int = 8
@@ -47,10 +49,13 @@ def mia_scores(
             lowest = token_log_probs.topk(max(1, int(k * len(token_log_probs))), largest=False).values
             scores["min_k"].append(-lowest.mean().item())
     if texts is not None:
-        scores["zlib"] = [
-            loss / len(zlib.compress(text.encode("utf-8"))) for loss, text in zip(scores["loss"], texts)
-        ]
+        scores["zlib"] = zlib_scores(scores["loss"], texts)
     return scores
+
+
+def zlib_scores(losses: list[float], texts: list[str]) -> list[float]:
+    """The "zlib" score of `mia_scores` from each sequence's loss and decoded text."""
+    return [loss / len(zlib.compress(text.encode("utf-8"))) for loss, text in zip(losses, texts)]
 
 
 def perturbation_scores(
@@ -63,19 +68,30 @@ def perturbation_scores(
     counts a large discrepancy as member; it is negated here so that higher = unseen, like every score here.
     The paper refills masked spans with T5; the suite runs offline with no second model, so `perturb` refills
     them from the evaluated model's own next-token distribution, which also keeps the copies on the
-    distribution of text the model reads. Spans are drawn from `seed` (`perturbation_plan`).
+    distribution of text the model reads. Spans are drawn from `seed` (`perturbation_plans`).
     """
+    return planned_perturbation_scores(model, sequences, perturbation_plans(sequences, copies, fraction, span, seed), batch_size)
+
+
+def perturbation_plans(sequences: list[list[int]], copies: int, fraction: float, span: int, seed: int) -> list[list[Plan]]:
+    """Per sequence, the plans of its `copies` perturbed copies, all drawn in order from `seed`: drawn once
+    for the whole set, they travel with their sequences, so a sequence is perturbed alike whoever scores it."""
     _check_sequences(sequences)
     if copies < 1 or span < 1 or not 0 < fraction <= 1:
         raise UserError(f"perturbation scores need copies >= 1, span >= 1 and fraction in (0, 1], got {copies}, {span}, {fraction}")
     generator = torch.Generator().manual_seed(seed)
-    plans = [perturbation_plan(len(seq), fraction, span, generator) for seq in sequences for _ in range(copies)]
-    perturbed = perturb(model, [seq for seq in sequences for _ in range(copies)], plans, batch_size)
+    return [[perturbation_plan(len(seq), fraction, span, generator) for _ in range(copies)] for seq in sequences]
+
+
+def planned_perturbation_scores(model, sequences: list[list[int]], plans: list[list[Plan]], batch_size: int = 8) -> list[float]:
+    """`perturbation_scores` with each sequence's copies perturbed by its own plans (`perturbation_plans`)."""
+    copies = len(plans[0]) if plans else 0
+    perturbed = perturb(model, [seq for seq in sequences for _ in range(copies)], [plan for own in plans for plan in own], batch_size)
     own, theirs = _mean_log_likelihoods(model, sequences, batch_size), _mean_log_likelihoods(model, perturbed, batch_size)
     return [-abs(ll - sum(theirs[i * copies : (i + 1) * copies]) / copies) for i, ll in enumerate(own)]
 
 
-def perturbation_plan(length: int, fraction: float, span: int, generator: torch.Generator) -> tuple[list[int], list[float]]:
+def perturbation_plan(length: int, fraction: float, span: int, generator: torch.Generator) -> Plan:
     """The positions one copy of a `length`-token sequence resamples, and a uniform draw per position.
 
     Positions 1.. are cut into spans of `span` (the first token, BOS, is never touched); round(fraction ·
@@ -89,7 +105,7 @@ def perturbation_plan(length: int, fraction: float, span: int, generator: torch.
     return positions, torch.rand(len(positions), generator=generator, dtype=torch.float64).tolist()
 
 
-def perturb(model, sequences: list[list[int]], plans: list[tuple[list[int], list[float]]], batch_size: int = 8) -> list[list[int]]:
+def perturb(model, sequences: list[list[int]], plans: list[Plan], batch_size: int = 8) -> list[list[int]]:
     """Each sequence with its plan's positions resampled left to right, same length, every other token kept.
 
     Position p gets a token drawn from the model's next-token distribution given the already perturbed

@@ -105,13 +105,18 @@ class PhaseResult:
 
 
 class Runner(Protocol):
-    """Runs training phases; a context manager so a cluster it started stays up for later phases."""
+    """Runs training phases and the evaluation; a context manager so a cluster it started stays up for later phases."""
 
     def __enter__(self) -> Runner: ...
 
     def __exit__(self, *exc: object) -> None: ...
 
     def train(self, job: TrainJob, resume: bool) -> PhaseResult: ...
+
+    def on_ranks(self, fn: Callable[..., Any], *args: Any, what: str) -> list[Any]:
+        """`fn(*args)` on every rank of a group laid out like the trainers (in this process: once), the
+        results in rank order; `what` names the work in logs and errors. The evaluation runs here."""
+        ...
 
 
 class StopFlag:

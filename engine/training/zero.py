@@ -82,10 +82,11 @@ def load_zero3_model(path_or_config: str | Path | PretrainedConfig, ds_config: d
     return model
 
 
-def frozen_zero3(path: str | Path, dtype: torch.dtype):
+def frozen_zero3(path: str | Path, dtype: torch.dtype, zero: dict[str, Any] | None = None):
     """A frozen model for inference, 1/WORLD_SIZE of it on each rank of the current group (ZeRO-3): the
-    engine's hooks gather each layer's shards in forward, so every rank must run the same forwards."""
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16}}
+    engine's hooks gather each layer's shards in forward, so every rank must run the same forwards.
+    `zero`: settings merged into `zero_optimization` (a user's parameter offload or persistence threshold)."""
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {**(zero or {}), "stage": 3}, "bf16": {"enabled": dtype == torch.bfloat16}}
     return deepspeed.initialize(model=load_zero3_model(path, config, dtype), config=config)[0]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from configs.errors import RunFailed, first_line
@@ -18,6 +20,10 @@ class LocalRunner:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+    def on_ranks(self, fn: Callable[..., Any], *args: Any, what: str) -> list[Any]:
+        """`fn(*args)` here, as the only rank (the in-process evaluation)."""
+        return [fn(*args)]
 
     def train(self, job: TrainJob, resume: bool) -> PhaseResult:
         with StopFlag().installed() as stop:

@@ -23,7 +23,7 @@ import os
 import time
 from contextlib import ExitStack
 from queue import Empty
-from typing import Callable
+from typing import Any, Callable
 
 import ray
 import torch
@@ -159,6 +159,11 @@ def _quiet_worker() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+def _quietly(fn: Callable[..., Any], args: tuple) -> Any:
+    _quiet_worker()
+    return fn(*args)
+
+
 def train_rank(job: TrainJob, targets: TargetSource | None, resume: bool, stop, progress: Callable[[int, int, float], None] | None) -> FitResult:
     """One rank of a DeepSpeed ZeRO-3 group (joined from torchrun-style env): every rank calls it alike."""
     from engine.training.zero import DeepSpeedBackend, ds_config_for, ensure_distributed, load_zero3_model
@@ -217,6 +222,19 @@ class RayRunner:
                     log.warning("%s: %s; restarting from step %d (restart %d of %d)", job.phase, exc, latest_step(job.checkpoint_dir), attempt, self.cfg.max_restarts)
                 except RunFailed as exc:
                     raise RunFailed(f"{job.phase}: {exc}; {checkpoint_note(job)}") from None
+
+    def on_ranks(self, fn: Callable[..., Any], *args: Any, what: str) -> list[Any]:
+        """`fn(*args)` on a group laid out like the trainers (`engine.workers` ranks, one GPU each on GPU, one
+        torch.distributed group), the results in rank order. A rank that dies or fails ends it with one line
+        naming the rank (no restarts: the work has no checkpoint to resume from)."""
+        self._connect()
+        on_gpu = self.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+        with TrainerGroup(self.cfg.workers, self.cfg.cpus_per_worker, 1 if on_gpu else 0, role=f"{what} rank") as group:
+            log.info("%s: %d rank(s) on pids %s, Ray nodes %s", what, self.cfg.workers, group.pids(), group.node_ips())
+            try:
+                return group.run(_quietly, fn, args, timeout=None)
+            except WorkerLost as exc:
+                raise RunFailed(f"{what}: {exc}") from exc
 
     def _attempt(self, job: TrainJob, resume: bool, stop: StopFlag) -> PhaseResult:
         cfg = self.cfg
