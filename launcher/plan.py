@@ -26,6 +26,16 @@ Estimates, before any GPU is rented; no weights are read (a model directory's co
   bytes a token (a layer's input and normed input, SwiGLU's gate/up/product), plus both models' final
   hidden states (the kernel's inputs); and the label kernel's workspace from
   `kernels.device.extra_bytes_estimate` for labels.impl ("auto" counts the larger, chunked, path).
+- **evaluation** (after training, on a group laid out like the trainers: engine.workers ranks, one GPU
+  each; engine/evaluation/ranks.py): each evaluated model frozen and ZeRO-3-partitioned, 1/ranks of its
+  weights (2 or 4 bytes a parameter), plus what ZeRO-3 holds gathered at once (the LM head and two decoder
+  layers, the running and the prefetched one), plus one eval batch's forward: eval.batch_size sequences of
+  the longer of eval.context_length (perplexity windows) and eval.sequence_length, width·(4h + 3I) bytes a
+  token for the layer working set and (width + 8)·vocab for the logits with their fp32 log-probabilities.
+  lm-eval batches at eval.batch_size too (its multiple-choice requests are short). The attacks
+  (eval.attacks) run on the driver, the model whole: its weights plus the attacked copy (1 byte a parameter
+  for quant8, ½ for quant4, width + 16 for relearn's fine-tuned copy with fp32 AdamW state) plus one
+  forward, on one GPU.
 - **fits** when a GPU's total stays under `gpu_mem_gib` less 10% headroom (CUDA context, NCCL buffers,
   allocator fragmentation). `gpu_mem_gib` is GiB as the device reports it (an "80 GB" H100 shows 79.2).
 
@@ -153,6 +163,27 @@ def labeler_bytes(shape: Shape, tokens: int, impl: str, alphas: int, width: int 
     return held, forward, extra_bytes_estimate(impl, tokens, shape.hidden, shape.vocab, dtype, alphas, FORBIDDEN_PER_ROW)
 
 
+def evaluation_bytes(shape: Shape, ranks: int, tokens: int, width: int = 2) -> tuple[int, int, int]:
+    """(a rank's 1/ranks of the evaluated model, what ZeRO-3 holds gathered at once, one eval batch's forward
+    with fp32 log-probabilities) on an evaluation rank (see the module docstring)."""
+    head = shape.vocab * shape.hidden
+    layer = (shape.params - 2 * head) // shape.layers
+    gathered = (head + 2 * layer) * width if ranks > 1 else 0
+    forward = tokens * (width * (4 * shape.hidden + 3 * shape.intermediate) + (width + 8) * shape.vocab)
+    return shape.params * width // ranks, gathered, forward
+
+
+ATTACK_BYTES_PER_PARAM = {"quant8": 1.0, "quant4": 0.5}  # the quantized copy; relearn: width + 16 (see the module docstring)
+
+
+def attack_bytes(shape: Shape, attacks: list[str], tokens: int, width: int = 2) -> int:
+    """The driver's GPU during the costliest attack: the model whole, its attacked copy and one forward."""
+    if not attacks:
+        return 0
+    copy = max(ATTACK_BYTES_PER_PARAM.get(attack, width + 16) for attack in attacks)
+    return int(shape.params * (width + copy)) + evaluation_bytes(shape, 1, tokens, width)[2]
+
+
 # ---------------------------------------------------------------- the plan
 
 @dataclass
@@ -192,6 +223,13 @@ class Plan:
     teacher_models: tuple[str, ...] = ("baseline", "reinforced")  # the frozen models each one holds
     rows_per_block: int = 1  # 2 when each forget block is bundled with a retain block
     trainer_frozen_gib: float = 0.0  # frozen models a trainer rank holds partitioned (a KL term's baseline, TA/TAU's θ_ref)
+    eval_batch: int = 0  # eval.batch_size
+    eval_length: int = 0  # tokens of the longest evaluated sequence (perplexity window or forget sequence)
+    eval_weights_gib: float = 0.0  # an evaluation rank's 1/workers of the model
+    eval_gathered_gib: float = 0.0
+    eval_forward_gib: float = 0.0
+    attacks: tuple[str, ...] = ()
+    attack_gib: float = 0.0  # on the driver's one GPU (0 without attacks)
     offload: list[Offload] = field(default_factory=list)  # only when the trainer does not fit
     max_micro_batch: int = 0  # largest micro-batch that fits this layout when the configured one does not
 
@@ -217,6 +255,18 @@ class Plan:
         return self.labeler_models_gib + self.labeler_forward_gib + self.labeler_kernel_gib
 
     @property
+    def eval_gib(self) -> float:
+        return self.eval_weights_gib + self.eval_gathered_gib + self.eval_forward_gib
+
+    @property
+    def eval_fits(self) -> bool:
+        return self.eval_gib <= self.usable_gib
+
+    @property
+    def attack_fits(self) -> bool:
+        return self.attack_gib <= self.usable_gib
+
+    @property
     def trainer_fits(self) -> bool:
         return self.trainer_gib <= self.usable_gib
 
@@ -226,7 +276,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.trainer_fits and self.labeler_fits
+        return self.trainer_fits and self.labeler_fits and self.eval_fits and self.attack_fits
 
     @property
     def verdict(self) -> str:
@@ -234,7 +284,7 @@ class Plan:
         usable = f"{self.usable_gib:.1f} usable"
         if self.fits:
             teacher = f", {self.teacher_role} {self.labeler_gib:.1f} GiB" if self.labelers else ""
-            text = f"fits on {where}: trainer {self.trainer_gib:.1f} GiB{teacher} per GPU of {usable}"
+            text = f"fits on {where}: trainer {self.trainer_gib:.1f} GiB{teacher}, evaluation {self.eval_gib:.1f} GiB per GPU of {usable}"
             idle = self.nodes * self.gpus_per_node - self.workers - self.labelers
             return text + (f"; {idle} GPU(s) idle (engine.workers={self.workers + idle} would use them)" if idle else "")
         parts = []
@@ -250,6 +300,10 @@ class Plan:
         if not self.labeler_fits:
             fix = "raise engine.labeler_shards" if self.labeler_models_gib > self.usable_gib else "lower labels.batch_size"
             parts.append(f"a {self.teacher_role} needs {self.labeler_gib:.1f} GiB of {usable}: {fix}")
+        if not self.eval_fits:
+            parts.append(f"an evaluation rank needs {self.eval_gib:.1f} GiB of {usable}: lower eval.batch_size")
+        if not self.attack_fits:
+            parts.append(f"the attacks need the model whole on the driver's GPU, {self.attack_gib:.1f} GiB of {usable}: drop eval.attacks")
         return f"does not fit on {where}: " + "; ".join(parts)
 
 
@@ -301,6 +355,9 @@ def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_g
     models_b, forward_b, kernel_b = labeler_bytes(shape, cfg.labels.batch_size * block, cfg.labels.impl, len(cfg.labels.alphas), width, shards, models, method.teacher_role == "labeler")
     if not labelers:
         models_b = forward_b = kernel_b = 0
+    eval_length = max(cfg.eval.context_length, cfg.eval.sequence_length)
+    eval_tokens = cfg.eval.batch_size * eval_length
+    eval_b = evaluation_bytes(shape, workers, eval_tokens, width)
     min_nodes = next((n for n in range(1, MAX_NODES + 1)
                       if n * gpus_per_node > labelers and trainer_total(n * gpus_per_node - labelers, micro) <= usable), None)
     result = Plan(
@@ -312,6 +369,9 @@ def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_g
         labeler_models_gib=models_b / GIB, labeler_forward_gib=forward_b / GIB, labeler_kernel_gib=kernel_b / GIB,
         min_nodes=min_nodes, method=cfg.method, teacher_role=method.teacher_role, teacher_models=method.teacher_models,
         rows_per_block=rows, trainer_frozen_gib=frozen_gib(workers),
+        eval_batch=cfg.eval.batch_size, eval_length=eval_length,
+        eval_weights_gib=eval_b[0] / GIB, eval_gathered_gib=eval_b[1] / GIB, eval_forward_gib=eval_b[2] / GIB,
+        attacks=tuple(cfg.eval.attacks), attack_gib=attack_bytes(shape, cfg.eval.attacks, eval_tokens, width) / GIB,
     )
     if not result.trainer_fits:
         per_node = min(workers, gpus_per_node)
@@ -343,6 +403,14 @@ def format_plan(p: Plan) -> str:
             (f"{role}: label kernel ({p.label_impl})" if role == "labeler" else f"{role}: fp32 logits + log-probabilities", p.labeler_kernel_gib, ""),
             (f"{role}: total per GPU", p.labeler_gib, yes[p.labeler_fits]),
         ]
+    rows += [
+        (f"evaluation: model 1/{p.workers} ({p.dtype}), ZeRO-3", p.eval_weights_gib, ""),
+        *([("evaluation: gathered LM head + 2 layers", p.eval_gathered_gib, "")] if p.eval_gathered_gib else []),
+        (f"evaluation: forward, {p.eval_batch} × {p.eval_length} tokens + fp32 log-probs", p.eval_forward_gib, ""),
+        ("evaluation: total per GPU", p.eval_gib, yes[p.eval_fits]),
+    ]
+    if p.attacks:
+        rows.append((f"attacks ({', '.join(p.attacks)}): driver, model whole + copy", p.attack_gib, yes[p.attack_fits]))
     width = max(len(r[0]) for r in rows)
     lines = [
         f"{s.name}: {s.params / 1e9:.2f}B parameters (hidden {s.hidden}, {s.layers} layers, {s.heads}/{s.kv_heads} heads, vocab {s.vocab:,})",
@@ -357,6 +425,9 @@ def format_plan(p: Plan) -> str:
         "effective batch (micro × accum × workers): " + ", ".join(
             f"{phase} {m} × {a} × {p.workers} = {m * a * p.workers} blocks" for phase, (m, a) in p.batches.items()),
         f"trainer CPU memory per node (DeepSpeed, no offload): {p.trainer_cpu_gib_per_node:.1f} GiB",
+        f"evaluation: after training, on {p.workers} ranks laid out like the trainers (one GPU each), each model "
+        f"ZeRO-3-partitioned over them; lm-eval runs whole on every rank; "
+        + (f"the attacks run on the driver with the model whole, on one GPU" if p.attacks else "no attacks (eval.attacks)"),
     ]
     if p.min_nodes is not None:
         lines.append(f"smallest cluster for the trainer: {_nodes(p.min_nodes)} with engine.workers={p.min_nodes_workers}")

@@ -269,3 +269,32 @@ def test_each_method_counts_its_own_frozen_models():
     assert plans["whp"].trainer_frozen_gib == 0
     assert plans["graddiff-kl"].trainer_layers_gib == pytest.approx(2 * plans["ga"].trainer_layers_gib)
     assert "frozen reference model" in format_plan(plans["ta"])
+
+
+def test_llama2_7b_evaluation_memory_by_hand():
+    """4 ranks × bf16, eval batch 8 × 512 tokens: 1/4 of the weights, the gathered LM head and two decoder
+    layers, one batch's layer working set and logits with fp32 log-probabilities; quant4 on the driver."""
+    params, head = 6_738_415_616, 32000 * 4096
+    layer = (params - 2 * head) // 32  # 202,383,488
+    forward = 8 * 512 * (2 * (4 * 4096 + 3 * 11008) + (2 + 8) * 32000)
+    p = plan(cfg_for("llama2-7b", "eval.attacks=[quant4]"), model_shape("llama2-7b"), 1, 8, 80.0)
+    assert (p.workers, p.eval_batch, p.eval_length) == (4, 8, 512)
+    assert p.eval_weights_gib * GIB == params * 2 / 4 == 3_369_207_808
+    assert p.eval_gathered_gib * GIB == (head + 2 * layer) * 2 == 1_071_677_952
+    assert p.eval_forward_gib * GIB == forward == 1_715_470_336
+    assert p.eval_gib == pytest.approx(6_156_356_096 / GIB) and p.eval_fits
+    assert p.attack_gib * GIB == pytest.approx(params * 2.5 + forward) and p.attack_fits
+    text = format_plan(p)
+    assert "evaluation: total per GPU" in text and "evaluation 5.7 GiB per GPU" in text and "attacks (quant4): driver" in text
+
+
+@pytest.mark.parametrize("name, nodes", [("llama2-7b", 1), ("llama3-8b", 1), ("llama2-13b", 1), ("llama2-70b", 5), ("llama3-70b", 5)])
+def test_every_llama_config_reports_where_its_evaluation_runs_and_its_memory(name, nodes):
+    text = main_plan(CONFIG_DIR / f"{name}.yaml", nodes, 8, 80.0)
+    assert "evaluation: total per GPU" in text and "ZeRO-3-partitioned over them" in text and "evaluation " in text.splitlines()[-1]
+
+
+def test_an_evaluation_or_attack_that_does_not_fit_says_what_to_lower():
+    p = plan(cfg_for("llama2-70b", "eval.batch_size=512", "eval.attacks=[relearn]"), model_shape("llama2-70b"), 5, 8, 80.0)
+    assert not p.eval_fits and not p.attack_fits
+    assert "lower eval.batch_size" in p.verdict and "drop eval.attacks" in p.verdict
