@@ -215,6 +215,7 @@ class EvalConfig:
     relearn_steps: list[int] = field(default_factory=lambda: [2, 4, 8])  # relearn: evaluate after these many fine-tuning steps
     relearn_blocks: int = 8  # relearn: forget-set blocks of sequence_length after the evaluated ones, one step's batch
     relearn_lr: float = 1e-5  # relearn: AdamW learning rate
+    in_process: bool = False  # evaluate in the driver, the model whole, even with the Ray engine (models that fit one device: no start-up, no collectives)
 
     def validate(self) -> None:
         for attack in self.attacks:

@@ -293,14 +293,16 @@ def describe(name: str, summary: dict) -> str:
 
 
 def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch.device, title: str, checked: Checked, made: dict[str, dict], runner: Runner) -> dict:
-    """The evaluation suite for each model on `runner`'s ranks (in this process with the local runner), the
+    """The evaluation suite for each model on `runner`'s ranks (in this process with the local runner or
+    `eval.in_process`), the
     attacks on each unlearned model here, then each model against the oracle; the report. `made`: the
     summaries of models this process trained (in memory); those of models made earlier are read from their directories."""
     terms = anchor_terms(checked.inputs.anchors)
     tokenizers = {name: load_tokenizer(path, name) for name, path in models.items()}
     jobs = [EvalJob(name, Path(path), workload(tokenizers[name], cfg.eval, checked.suite)) for name, path in models.items()]
     log.info("evaluating %s", ", ".join(f"{name} ({path})" for name, path in models.items()))
-    measured = runner.on_ranks(measure_models, jobs, cfg.eval, cfg.device, cfg.dtype, inference_zero(checked.deepspeed), what="evaluation")
+    placement = LocalRunner() if cfg.eval.in_process else runner
+    measured = placement.on_ranks(measure_models, jobs, cfg.eval, cfg.device, cfg.dtype, inference_zero(checked.deepspeed), what="evaluation")
     results, attacked = {}, {}
     for index, job in enumerate(jobs):
         results[job.name] = combine(job.work, [rank[index] for rank in measured], tokenizers[job.name], cfg.eval, checked.suite, terms)

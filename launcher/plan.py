@@ -27,7 +27,7 @@ Estimates, before any GPU is rented; no weights are read (a model directory's co
   hidden states (the kernel's inputs); and the label kernel's workspace from
   `kernels.device.extra_bytes_estimate` for labels.impl ("auto" counts the larger, chunked, path).
 - **evaluation** (after training, on a group laid out like the trainers: engine.workers ranks, one GPU
-  each; engine/evaluation/ranks.py): each evaluated model frozen and ZeRO-3-partitioned, 1/ranks of its
+  each; engine/evaluation/ranks.py; with eval.in_process, in the driver on one GPU, the model whole): each evaluated model frozen and ZeRO-3-partitioned, 1/ranks of its
   weights (2 or 4 bytes a parameter), plus what ZeRO-3 holds gathered at once (the LM head and two decoder
   layers, the running and the prefetched one), plus one eval batch's forward: eval.batch_size sequences of
   the longer of eval.context_length (perplexity windows) and eval.sequence_length, width·(4h + 3I) bytes a
@@ -223,6 +223,8 @@ class Plan:
     teacher_models: tuple[str, ...] = ("baseline", "reinforced")  # the frozen models each one holds
     rows_per_block: int = 1  # 2 when each forget block is bundled with a retain block
     trainer_frozen_gib: float = 0.0  # frozen models a trainer rank holds partitioned (a KL term's baseline, TA/TAU's θ_ref)
+    eval_ranks: int = 1  # the evaluation group's ranks
+    eval_in_driver: bool = False  # eval.in_process: the driver, the model whole
     eval_batch: int = 0  # eval.batch_size
     eval_length: int = 0  # tokens of the longest evaluated sequence (perplexity window or forget sequence)
     eval_weights_gib: float = 0.0  # an evaluation rank's 1/workers of the model
@@ -357,7 +359,8 @@ def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_g
         models_b = forward_b = kernel_b = 0
     eval_length = max(cfg.eval.context_length, cfg.eval.sequence_length)
     eval_tokens = cfg.eval.batch_size * eval_length
-    eval_b = evaluation_bytes(shape, workers, eval_tokens, width)
+    eval_ranks = 1 if cfg.eval.in_process else workers  # eval.in_process: the driver, the model whole
+    eval_b = evaluation_bytes(shape, eval_ranks, eval_tokens, width)
     min_nodes = next((n for n in range(1, MAX_NODES + 1)
                       if n * gpus_per_node > labelers and trainer_total(n * gpus_per_node - labelers, micro) <= usable), None)
     result = Plan(
@@ -369,7 +372,7 @@ def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_g
         labeler_models_gib=models_b / GIB, labeler_forward_gib=forward_b / GIB, labeler_kernel_gib=kernel_b / GIB,
         min_nodes=min_nodes, method=cfg.method, teacher_role=method.teacher_role, teacher_models=method.teacher_models,
         rows_per_block=rows, trainer_frozen_gib=frozen_gib(workers),
-        eval_batch=cfg.eval.batch_size, eval_length=eval_length,
+        eval_ranks=eval_ranks, eval_in_driver=cfg.eval.in_process, eval_batch=cfg.eval.batch_size, eval_length=eval_length,
         eval_weights_gib=eval_b[0] / GIB, eval_gathered_gib=eval_b[1] / GIB, eval_forward_gib=eval_b[2] / GIB,
         attacks=tuple(cfg.eval.attacks), attack_gib=attack_bytes(shape, cfg.eval.attacks, eval_tokens, width) / GIB,
     )
@@ -404,7 +407,7 @@ def format_plan(p: Plan) -> str:
             (f"{role}: total per GPU", p.labeler_gib, yes[p.labeler_fits]),
         ]
     rows += [
-        (f"evaluation: model 1/{p.workers} ({p.dtype}), ZeRO-3", p.eval_weights_gib, ""),
+        (f"evaluation: model 1/{p.eval_ranks} ({p.dtype}), ZeRO-3" if not p.eval_in_driver else f"evaluation: model whole ({p.dtype}), driver", p.eval_weights_gib, ""),
         *([("evaluation: gathered LM head + 2 layers", p.eval_gathered_gib, "")] if p.eval_gathered_gib else []),
         (f"evaluation: forward, {p.eval_batch} × {p.eval_length} tokens + fp32 log-probs", p.eval_forward_gib, ""),
         ("evaluation: total per GPU", p.eval_gib, yes[p.eval_fits]),
@@ -425,8 +428,9 @@ def format_plan(p: Plan) -> str:
         "effective batch (micro × accum × workers): " + ", ".join(
             f"{phase} {m} × {a} × {p.workers} = {m * a * p.workers} blocks" for phase, (m, a) in p.batches.items()),
         f"trainer CPU memory per node (DeepSpeed, no offload): {p.trainer_cpu_gib_per_node:.1f} GiB",
-        f"evaluation: after training, on {p.workers} ranks laid out like the trainers (one GPU each), each model "
-        f"ZeRO-3-partitioned over them; lm-eval runs whole on every rank; "
+        (f"evaluation: after training, on {p.eval_ranks} ranks laid out like the trainers (one GPU each), each model "
+         f"ZeRO-3-partitioned over them; lm-eval runs whole on every rank; " if not p.eval_in_driver else
+         "evaluation: in the driver on one GPU, each model whole (eval.in_process); ")
         + (f"the attacks run on the driver with the model whole, on one GPU" if p.attacks else "no attacks (eval.attacks)"),
     ]
     if p.min_nodes is not None:

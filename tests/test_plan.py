@@ -298,3 +298,9 @@ def test_an_evaluation_or_attack_that_does_not_fit_says_what_to_lower():
     p = plan(cfg_for("llama2-70b", "eval.batch_size=512", "eval.attacks=[relearn]"), model_shape("llama2-70b"), 5, 8, 80.0)
     assert not p.eval_fits and not p.attack_fits
     assert "lower eval.batch_size" in p.verdict and "drop eval.attacks" in p.verdict
+
+
+def test_an_in_process_evaluation_counts_the_model_whole_on_the_drivers_gpu():
+    p = plan(cfg_for("llama2-7b", "eval.in_process=true"), model_shape("llama2-7b"), 1, 8, 80.0)
+    assert p.eval_weights_gib * GIB == 6_738_415_616 * 2 and p.eval_gathered_gib == 0
+    assert "evaluation: in the driver on one GPU" in format_plan(p)
