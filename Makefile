@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.obliviate-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test bench-real install clean
 
 install: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/obliviate demo $(ARGS)
+
+# Not part of `make test`: every method on a real pretrained model, about an hour on 2 cores (README).
+bench-real: $(STAMP)
+	$(VENV)/bin/obliviate bench-real $(ARGS)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -87,12 +87,13 @@ class LabelConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The direct methods' objectives (ga, graddiff, npo, simnpo; docs/methods.md)."""
+    """The direct methods' objectives (ga, graddiff, npo, simnpo; docs/methods.md) and WHP's optional retain term."""
 
     retain_loss: str = "nll"  # the retain term of graddiff, npo, simnpo: nll | kl (to the frozen baseline) | none (not graddiff)
     retain_weight: float = 1.0  # weight of the retain term against the forget term
     beta: float = 0.1  # NPO / SimNPO inverse temperature
     gamma: float = 0.0  # SimNPO reward margin
+    whp_retain: bool = False  # WHP: add the retain term (retain_loss, retain_weight) to the generic-label loss (not in the paper)
 
     def validate(self) -> None:
         if self.retain_loss not in ("nll", "kl", "none"):
@@ -225,8 +226,6 @@ class EvalConfig:
             raise UserError(f"eval.relearn_steps must be step counts >= 1, got {self.relearn_steps}")
         _positive("eval.relearn_blocks", self.relearn_blocks)
         _positive("eval.relearn_lr", self.relearn_lr)
-        if "relearn" in self.attacks and not self.forget_set:
-            raise UserError("eval.attacks: relearn needs eval.forget_set (it fine-tunes on forget-set blocks the evaluation does not score)")
         if len(set(self.attacks)) != len(self.attacks):
             raise UserError("eval.attacks names an attack twice")
         if self.judge not in ("rule", "llm"):

@@ -1,7 +1,8 @@
 """`obliviate compare`: several unlearning methods from one baseline on the same data, one evaluation, one table.
 
 Each method trains through the recipe into its own run directory `RUN/<method>` (a config derived with
-`method=<method>`, `out=RUN/<method>`), all on one runner; then one evaluation compares the baseline, each
+`method=<method>`, `out=RUN/<method>`), all on one runner; a named variant (`Plan.runs`: name → config
+changes, e.g. `whp-forbid` → `method=whp, labels.forbid_anchor_keys=true`) trains like a method into `RUN/<name>`; then one evaluation compares the baseline, each
 method's `RUN/<method>/unlearned` and the oracle (RUN/metrics.json, RUN/report.md), so the baseline is
 evaluated once; then RUN/comparison.json, .md and .png (engine/evaluation/comparison.py). Nothing here is
 specific to a method: the registry names them, and each one's training phases are `recipe.all_phases` minus
@@ -50,9 +51,9 @@ def parse_methods(text: str) -> list[str]:
     return names
 
 
-def method_config(cfg: RunConfig, name: str) -> RunConfig:
-    """The run of one method: the same config, `method=name`, into RUN/name."""
-    return derive(cfg, method=name, out=str(Path(cfg.out).expanduser() / name))
+def method_config(cfg: RunConfig, name: str, changes: dict | None = None) -> RunConfig:
+    """The run named `name`: the same config with `changes` (default: `method=name`), into RUN/name."""
+    return derive(cfg, **(changes or {"method": name}), out=str(Path(cfg.out).expanduser() / name))
 
 
 def training_phases(cfg: RunConfig) -> list[str]:
@@ -61,22 +62,33 @@ def training_phases(cfg: RunConfig) -> list[str]:
 
 @dataclass
 class Plan:
-    methods: list[str]
-    todo: dict[str, list[str]]  # per method, the training phases to run (finished ones kept with --resume)
+    runs: dict[str, dict]  # run name -> its config changes (`method=name` for a plain method)
+    todo: dict[str, list[str]]  # per run, the training phases to run (finished ones kept with --resume)
     evaluate: bool  # RUN/metrics.json to be written (False: kept with --resume)
 
+    @property
+    def methods(self) -> list[str]:
+        return list(self.runs)
 
-def claim(cfg: RunConfig, methods: list[str], overwrite: bool, resume: bool) -> Plan:
-    """Every method's run directory and RUN's evaluation claimed before anything is built or trained: an
-    existing output without --overwrite or --resume refuses here. Writes nothing."""
+    def config(self, cfg: RunConfig, name: str) -> RunConfig:
+        return method_config(cfg, name, self.runs[name])
+
+
+def claim(cfg: RunConfig, methods: list[str] | dict[str, dict], overwrite: bool, resume: bool) -> Plan:
+    """Every run's directory and RUN's evaluation claimed before anything is built or trained: an existing
+    output without --overwrite or --resume refuses here. `methods`: method names, or run names with their
+    config changes (variants). Writes nothing."""
     if not cfg.out:
         raise UserError("no run directory given (use --out)")
+    runs = dict(methods) if isinstance(methods, dict) else {name: {"method": name} for name in methods}
     evaluate = bool(recipe.run_dir(cfg).claim(["eval"], overwrite, resume))  # RUN itself first: its faults name it
     todo = {}
-    for name in methods:
-        method_cfg = method_config(cfg, name)
+    for name, changes in runs.items():
+        if name in RESERVED:
+            raise UserError(f"{name!r} names the evaluation's {name}, not a method run")
+        method_cfg = method_config(cfg, name, changes)
         todo[name] = recipe.run_dir(method_cfg).claim(training_phases(method_cfg), overwrite, resume)
-    return Plan(methods, todo, evaluate)
+    return Plan(runs, todo, evaluate)
 
 
 def check(cfg: RunConfig, plan: Plan) -> None:
@@ -86,8 +98,8 @@ def check(cfg: RunConfig, plan: Plan) -> None:
         raise UserError("no baseline model given (use --baseline or set it in the config)")
     for name in plan.methods:
         if plan.todo[name]:
-            method_cfg = method_config(cfg, name)
-            recipe.check_inputs(method_cfg, recipe.run_dir(method_cfg), method_class(name)(method_cfg), plan.todo[name])
+            method_cfg = plan.config(cfg, name)
+            recipe.check_inputs(method_cfg, recipe.run_dir(method_cfg), method_class(method_cfg.method)(method_cfg), plan.todo[name])
     if cfg.oracle:
         oracle = check_model_dir(cfg.oracle, "oracle")
         check_tokenizer_fits(load_tokenizer(oracle, "oracle"), oracle, "oracle")
@@ -114,7 +126,7 @@ def train_all(cfg: RunConfig, plan: Plan, overwrite: bool, resume: bool, runner:
     earlier = _earlier_wall_seconds(Path(cfg.out).expanduser()) if resume else {}
     models, made, training = {}, {}, {}
     for name in plan.methods:
-        method_cfg = method_config(cfg, name)
+        method_cfg = plan.config(cfg, name)
         wall, summary = earlier.get(name), None
         if plan.todo[name]:
             log.info("compare: training %s into %s", name, method_cfg.out)

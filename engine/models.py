@@ -91,6 +91,23 @@ def load_model(path: str | Path, role: str, device: torch.device, dtype: torch.d
     return model.to(device)
 
 
+def convert_gguf(gguf_file: str | Path, out: str | Path) -> Path:
+    """A GGUF checkpoint (llama.cpp's format) as a plain fp32 safetensors model directory: transformers
+    dequantizes it on load, but a model that keeps its GGUF quantization config cannot be saved or trained."""
+    gguf_file, out = Path(gguf_file), Path(out)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise UserError(f"cannot read the GGUF model {gguf_file}: {first_line(e)}") from None
+    config = loaded.config
+    del config.quantization_config
+    model = type(loaded)(config)
+    model.load_state_dict(loaded.state_dict())
+    save_model(model, tokenizer, out)
+    return out
+
+
 def load_tokenizer(path: str | Path, role: str) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(Path(path).expanduser())

@@ -4,6 +4,7 @@
     obliviate run configs/whp.yaml --baseline DIR --target FILE --anchors FILE --out RUN --workers 8
     obliviate compare configs/whp.yaml --methods whp,ga --baseline DIR --target FILE --anchors FILE --out RUN
     obliviate compare --demo --methods whp,ga --out RUN             # the same on the tiny world
+    obliviate bench-real                            # every method on SmolLM2-135M taught Hamlet Act I
     obliviate reinforce --baseline DIR --target FILE --out RUN
     obliviate unlearn   --baseline DIR --target FILE --anchors FILE --out RUN   # uses RUN/reinforced
     obliviate labels    --baseline DIR --target FILE --anchors FILE --out RUN   # export, for inspection
@@ -258,6 +259,27 @@ def bench_train(args, worker_counts, steps, out, **flags):
     click.echo(format_rows(rows))
     write_csv(rows, Path(out) / "bench.csv")
     click.echo(f"\nwrote {Path(out) / 'bench.csv'}")
+
+
+@cli.command(name="bench-real")
+@click.argument("args", nargs=-1, metavar="[CONFIG.yaml] [KEY=VALUE]...")
+@click.option("--runs", default="", help="comma-separated runs of launcher/bench_real.py RUNS (default: all)")
+@click.option("--out", default="runs/bench-real", show_default=True, help="run directory")
+@click.option("--overwrite", is_flag=True, help="replace finished runs in --out")
+@click.option("--resume", is_flag=True, help="keep finished runs, continue an interrupted one")
+def bench_real_command(args, runs, out, overwrite, resume):
+    """The methods on a real model: SmolLM2-135M-Instruct (from PyPI) taught Hamlet Act I, then unlearned by
+    every run, evaluated with the attacks; RUN/bench-real.md and .png. Slow: about an hour on 2 cores once
+    the taught model is cached (teaching it the first time takes longer)."""
+    import time
+
+    from launcher.bench_real import run_bench, select_runs, write_bench
+
+    chosen = select_runs(runs)
+    cfg = _config(args, CONFIG_DIR / "bench-hamlet.yaml", out=out)
+    start = time.perf_counter()
+    comparison, cfg = run_bench(cfg, chosen, overwrite, resume, _runner)
+    click.echo("\n" + write_bench(Path(cfg.out).expanduser(), comparison, time.perf_counter() - start))
 
 
 @cli.command(name="plan")

@@ -3,6 +3,7 @@ and one run of two methods on the tiny test world, in process: RUN/<method>/unle
 comparison.json/.md/.png; --resume keeps everything, and existing outputs are refused before anything trains."""
 
 import json
+import math
 
 import pytest
 
@@ -36,11 +37,12 @@ def test_rows_hold_what_the_results_hold_and_null_elsewhere():
     assert [models[name]["role"] for name in models] == ["baseline", "method", "method", "oracle"]
     whp = models["whp"]
     assert whp["probability_familiarity_drop"] == pytest.approx(0.75) and whp["perplexity_rise"] == pytest.approx(0.1)
+    assert whp["nll_rise"] == pytest.approx(math.log(3.3) / math.log(3.0) - 1)  # the mean token NLL is log perplexity
     assert whp["outliers"] == 3 and whp["memorization_outliers"] == 5  # the count from details when no flat score
     assert whp["mia_auc_zlib"] is None and whp["mia_auc_perturbation"] == 0.66 and whp["forget_quality"] is None
     assert (whp["wall_seconds"], whp["train_seconds"], whp["steps"], whp["tokens_per_s"]) == (12.5, 9.0, 4, 1000.0)
     ga = models["ga"]
-    assert ga["perplexity"] is None and ga["perplexity_rise"] is None and ga["probability_familiarity_drop"] == pytest.approx(1.0)
+    assert ga["perplexity"] is None and ga["perplexity_rise"] is None and ga["nll_rise"] is None and ga["probability_familiarity_drop"] == pytest.approx(1.0)
     assert ga["outliers"] is None and ga["wall_seconds"] is None and ga["tokens_per_s"] is None
     assert models["baseline"]["outliers"] == 20 and models["baseline"]["wall_seconds"] is None
     assert models["baseline"]["mia_auc_perturbation"] is None  # every row has every AUC any model has

@@ -50,6 +50,18 @@ def test_gradient_ascent_runs_in_process_and_records_how_it_was_made(world, tmp_
     assert summary["method"] == "ga" and summary["steps"] == 2 and summary["final_loss"] < 0
 
 
+@pytest.mark.parametrize("retain_loss", ["nll", "kl"])
+def test_whp_with_its_retain_term_trains_on_bundles_and_records_it(world, tmp_path, capsys, retain_loss):  # noqa: F811
+    files, run = world["files"], tmp_path / "run"
+    common = ["--baseline", world["baseline"], "--reinforced", world["baseline"], "--target", files.saga, "--anchors", files.anchors, "--out", run, *TINY]
+    code, _, err = obliviate("unlearn", *common, "loss.whp_retain=true", capsys=capsys)
+    assert_one_line_error(code, err, "loss.whp_retain needs a retain set")
+    code, _, err = obliviate("unlearn", *common, "--retain", files.general, "loss.whp_retain=true", f"loss.retain_loss={retain_loss}", capsys=capsys)
+    assert code == 0, err
+    summary = json.loads((run / "unlearned" / "obliviate_training.json").read_text())
+    assert summary["method"] == "whp" and summary["retain"] == retain_loss and summary["steps"] >= 1
+
+
 def test_an_unknown_method_and_a_phase_the_method_lacks_are_one_line_errors(world, tmp_path, capsys):  # noqa: F811
     common = ["--baseline", world["baseline"], "--target", world["files"].saga, "--out", tmp_path / "run", *TINY]
     code, _, err = obliviate("unlearn", *common, "method=nope", capsys=capsys)

@@ -12,7 +12,7 @@ import torch
 from configs import TrainConfig
 from engine.training.backends import TorchBackend
 from engine.training.loop import fit
-from engine.training.objectives import NEXT_TOKEN, AscentLoss, GradDiffLoss, NPOLoss, SimNPOLoss, kl_sums, memorization_scores, sequence_log_probs
+from engine.training.objectives import NEXT_TOKEN, AscentLoss, GradDiffLoss, NPOLoss, RetainedNextTokenLoss, SimNPOLoss, kl_sums, memorization_scores, sequence_log_probs
 from engine.training.schedule import Schedule, pad_blocks
 from engine.training.selection import MemorizationSelection
 from test_train import patterned_blocks, tiny_model
@@ -50,6 +50,21 @@ def test_the_kl_retain_term_on_hand_worked_distributions():
     assert float(same) == pytest.approx(-2 * LN2)  # KL of identical distributions = 0: GA alone
     npo = NPOLoss(beta=0.1, retain_weight=1.0).loss_sum(logits, ids, torch.tensor([[-2 * LN2]]), reference)
     assert float(npo) == pytest.approx(20 * LN2 + per_position)  # per-sequence: the retain row's mean KL
+
+
+def test_whp_retain_term_adds_the_retain_rows_nll_or_kl_to_the_label_loss():
+    # One bundle, uniform logits over 2 tokens: the generic-label CE is ln 2 per labelled position (2 of the
+    # forget row's 3 positions are labelled, one ignored), the retain NLL ln 2 at each of its 2 positions.
+    logits, ids = torch.zeros(1, 2, 3, 2), torch.tensor([[[0, 1, 1], [1, 0, 0]]])
+    labels = torch.tensor([[0, 1, -100]])
+    loss = RetainedNextTokenLoss(retain_weight=0.5)
+    assert loss.units(ids, labels) == 1
+    assert float(loss.loss_sum(logits, ids, labels)) == pytest.approx(LN2 + 0.5 * 2 * LN2)
+    reference = torch.tensor([math.log(3.0), 0.0]).expand(1, 3, 2)
+    per_position = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    assert float(loss.loss_sum(logits, ids, labels, reference)) == pytest.approx(LN2 + 0.5 * 2 * per_position)
+    padding = torch.full((1, 3), -100)
+    assert float(loss.loss_sum(logits, ids, padding)) == 0.0  # a padding row adds nothing
 
 
 def test_npo_on_hand_worked_sequences():

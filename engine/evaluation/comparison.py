@@ -8,7 +8,8 @@ Rows: the baseline, each method (keyed by its name), the oracle when there is on
 (probability, completion), general perplexity, the memorization means, the outlier counts the results hold
 (`outliers`: forget sequences memorized beyond unseen text; `memorization_outliers`: those outside the
 memorization-accuracy band, where the suite reports them), the membership AUCs, PrivLeak and the KS forget quality (against the oracle), the changes against the
-baseline that the plot draws (probability-familiarity drop, perplexity rise), and for a method the seconds
+baseline that the plot draws (probability-familiarity drop, perplexity rise) and the general-text NLL rise
+(log perplexity), and for a method the seconds
 its training took and its trained tokens/s.
 """
 
@@ -35,7 +36,7 @@ OUTLIERS = {  # row key: the flat scores, then the `details.memorization` entrie
     "outliers": (("memorized_outliers",), ("outliers",)),
     "memorization_outliers": (("memorization_outliers", "memorization_band_outliers"), ("memorization_outliers", "band_outliers")),
 }
-CHANGES = ("probability_familiarity_drop", "perplexity_rise")
+CHANGES = ("probability_familiarity_drop", "perplexity_rise", "nll_rise")
 TRAINING = ("wall_seconds", "train_seconds", "steps", "tokens_per_s")
 HEADERS = {  # the markdown table's columns: row key → header (membership AUCs inserted before forget quality)
     "probability_familiarity": "prob. familiarity",
@@ -47,6 +48,7 @@ HEADERS = {  # the markdown table's columns: row key → header (membership AUCs
     "forget_quality": "forget quality (KS p)",
     "probability_familiarity_drop": "prob. familiarity drop",
     "perplexity_rise": "perplexity rise",
+    "nll_rise": "general NLL rise",
     "wall_seconds": "wall s",
     "tokens_per_s": "tokens/s",
 }
@@ -100,7 +102,14 @@ def model_row(result: dict, baseline: dict | None, aucs: tuple[str, ...] | list[
     baseline = baseline or {}
     row["probability_familiarity_drop"] = _relative(baseline.get("probability_familiarity"), row["probability_familiarity"], baseline.get("probability_familiarity"))
     row["perplexity_rise"] = _relative(row["perplexity"], baseline.get("perplexity"), baseline.get("perplexity"))
+    row["nll_rise"] = _relative(*(_log(value) for value in (row["perplexity"], baseline.get("perplexity"), baseline.get("perplexity"))))
     return row
+
+
+def _log(perplexity) -> float | None:
+    """The mean token NLL (nats) of a perplexity; None where not measured."""
+    value = _number(perplexity)
+    return math.log(value) if value is not None and value > 0 else None
 
 
 def training_row(training: dict | None) -> dict:
@@ -185,14 +194,19 @@ def markdown(comparison: dict) -> str:
     return "\n".join([f"# {title}", "", markdown_table(comparison), "", notes, "", "![forgetting vs damage](comparison.png)", ""])
 
 
-def plot(comparison: dict) -> bytes:
-    """Forgetting vs damage: probability-familiarity drop against perplexity rise, one labelled point per model."""
+DAMAGE_LABELS = {"perplexity_rise": "perplexity rise vs baseline (%): damage", "nll_rise": "general-text NLL rise vs baseline (%): damage"}
+
+
+def plot(comparison: dict, damage: str = "perplexity_rise", target: dict | None = None) -> bytes:
+    """Forgetting vs damage: probability-familiarity drop against `damage` (a change of `CHANGES`), one
+    labelled point per model; `target` ({"probability_familiarity_drop": d, damage: r}) draws the lines of
+    d forgetting and r damage: a point above and left of both reaches it."""
     fig = Figure(figsize=(6.5, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     skipped, rises = [], []
     for i, (name, row) in enumerate(comparison["models"].items()):
-        x, y = row.get("perplexity_rise"), row.get("probability_familiarity_drop")
+        x, y = row.get(damage), row.get("probability_familiarity_drop")
         if x is None or y is None:
             skipped.append(name)
             continue
@@ -204,9 +218,12 @@ def plot(comparison: dict) -> bytes:
     if rises and max(rises) > 100:  # a method that wrecked the model would squash the others against the axis
         ax.set_xscale("symlog", linthresh=10)
     ax.margins(0.15)
+    if target:
+        ax.axvline(100 * target[damage], color="green", linewidth=0.8, linestyle="--", zorder=1)
+        ax.axhline(100 * target["probability_familiarity_drop"], color="green", linewidth=0.8, linestyle="--", zorder=1)
     ax.axhline(0, color="lightgrey", linewidth=0.8, zorder=1)
     ax.axvline(0, color="lightgrey", linewidth=0.8, zorder=1)
-    ax.set(xlabel="perplexity rise vs baseline (%): damage", ylabel="probability-familiarity drop vs baseline (%): forgetting")
+    ax.set(xlabel=DAMAGE_LABELS[damage], ylabel="probability-familiarity drop vs baseline (%): forgetting")
     ax.set_title(comparison.get("title", "obliviate compare"), fontsize=10)
     if skipped:
         ax.text(0.01, 0.01, f"not measured: {', '.join(skipped)}", transform=ax.transAxes, fontsize=8, color="grey")

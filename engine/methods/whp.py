@@ -24,7 +24,7 @@ from engine.methods.base import Phase, RunInputs, TrainingSummary
 from engine.methods.generic_labels import LabelerSpec, build_labels
 from engine.models import check_model_dir, check_same_tokenizer, check_tokenizer_fits, load_model, load_tokenizer, pick_device
 from engine.training.job import PhaseResult
-from engine.training.objectives import NEXT_TOKEN
+from engine.training.objectives import NEXT_TOKEN, RetainedNextTokenLoss
 from kernels.mixing import interpreter_requested
 
 log = logging.getLogger("obliviate")
@@ -36,14 +36,22 @@ class WHP:
     exports: ClassVar[tuple[str, ...]] = ("labels",)
     teacher_role: ClassVar[str] = "labeler"
     teacher_models: ClassVar[tuple[str, ...]] = ("baseline", "reinforced")
-    trainer_frozen_models: ClassVar[int] = 0
     train_sections: ClassVar[dict[str, str]] = {"reinforce": "reinforce", "unlearn": "unlearn"}
-    uses_retain = False
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.anchors: dict[str, list[str]] = {}
         self.reinforced: Path | None = Path(cfg.reinforced).expanduser() if cfg.reinforced else None
+
+    @property
+    def uses_retain(self) -> bool:
+        """`loss.whp_retain`: each forget block bundled with a retain block, whose NLL (or KL to the baseline)
+        joins the generic-label loss — not in the paper; off by default."""
+        return self.cfg.loss.whp_retain and self.cfg.loss.retain_loss != "none"
+
+    @property
+    def trainer_frozen_models(self) -> int:
+        return int(self.uses_retain and self.cfg.loss.retain_loss == "kl")
 
     @property
     def phases(self) -> tuple[str, ...]:
@@ -57,6 +65,8 @@ class WHP:
             raise UserError("labels.impl=triton on CPU needs the Triton interpreter: set TRITON_INTERPRET=1")
         if inputs.anchors is None:
             raise UserError("no anchor dictionary given (use --anchors or set it in the config)")
+        if self.uses_retain and "unlearn" in todo and not inputs.retain_blocks:
+            raise UserError("loss.whp_retain needs a retain set: give retain: (general text the model must keep)")
         self.anchors = inputs.anchors.terms
         pattern = anchor_pattern(self.anchors)
         if not any(pattern.search(block.text) for block in inputs.forget_blocks):
@@ -73,7 +83,11 @@ class WHP:
         for key, reason in inputs.anchors.dropped:  # logged once the run has started: checks print one line or none
             log.info("anchor %r dropped: %s", key, reason)
         labeler = LabelerSpec(inputs.baseline, self._reinforced(inputs), inputs.forget_blocks, self.anchors, self.cfg.labels)
-        return Phase("unlearn", inputs.baseline, self.cfg.unlearn, NEXT_TOKEN, teacher=labeler, keep_best=True)
+        if not self.uses_retain:
+            return Phase("unlearn", inputs.baseline, self.cfg.unlearn, NEXT_TOKEN, teacher=labeler, keep_best=True)
+        reference = inputs.baseline if self.trainer_frozen_models else None
+        objective = RetainedNextTokenLoss(self.cfg.loss.retain_weight)
+        return Phase("unlearn", inputs.baseline, self.cfg.unlearn, objective, teacher=labeler, keep_best=True, examples=inputs.bundles(self.cfg.unlearn.seed), reference=reference)
 
     def _reinforced(self, inputs: RunInputs) -> Path:
         return self.reinforced or inputs.outputs["reinforce"]
@@ -91,6 +105,7 @@ class WHP:
         return TrainingSummary.of(
             self.name, result, self.cfg.engine.workers, alpha=labels.alpha, forbid_anchor_keys=labels.forbid_anchor_keys,
             best_step=fit.best_step, best_val_loss=fit.best_val_loss, label_stats=result.teacher_stats,
+            retain=self.cfg.loss.retain_loss if self.uses_retain else "none",
         )
 
     @staticmethod
@@ -99,7 +114,7 @@ class WHP:
         speed = s.get("throughput", {})
         engine = f"{s['workers']} DeepSpeed ZeRO-3 worker(s)" if s.get("workers") else "in-process"
         return (
-            f"{name}: α = {s['alpha']:g}, anchor keys forbidden: {s['forbid_anchor_keys']}; kept step {s['best_step']} of {s['steps']} "
+            f"{name}: α = {s['alpha']:g}, anchor keys forbidden: {s['forbid_anchor_keys']}, retain term: {s.get('retain', 'none')}; kept step {s['best_step']} of {s['steps']} "
             f"(validation loss on generic labels {s['best_val_loss']:.4f}); {(s['label_stats'] or {}).get('blocks')} blocks, "
             f"labels differing from the original next token per α: {changed}; trained {engine} at "
             f"{speed.get('tokens_per_s', 0):.0f} tokens/s, waiting for labels {100 * speed.get('label_wait_fraction', 0):.1f}% of the time"

@@ -80,6 +80,25 @@ class NextTokenLoss:
 NEXT_TOKEN = NextTokenLoss()
 
 
+@dataclass(frozen=True)
+class RetainedNextTokenLoss:
+    """Next-token cross-entropy toward a teacher's labels on the forget row of each bundle, plus w · the retain
+    row's NLL (or, with the reference's logits, KL(reference ‖ model)): WHP's generic labels kept from
+    costing general text. Both are sums over tokens averaged over the trained forget tokens, so with
+    rows of equal length this is mean label CE + w · mean retain term; a padding row (no labels) adds nothing."""
+
+    retain_weight: float
+
+    def units(self, input_ids: torch.Tensor, targets: torch.Tensor) -> int:
+        return trained_tokens(targets)
+
+    def loss_sum(self, logits: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        forget, _ = causal_lm_loss_sum(logits[:, 0], targets)
+        valid = (targets[:, 1:] != IGNORE_INDEX).any(-1)
+        positions = input_ids.shape[-1] - 1
+        return forget + self.retain_weight * positions * _retain_sum(logits, input_ids, valid, reference)
+
+
 class AscentLoss:
     """Gradient ascent: the negated next-token cross-entropy of the forget text (rows without labels count nothing)."""
 
