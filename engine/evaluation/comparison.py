@@ -23,7 +23,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from engine.evaluation.report import _write_atomic
+from engine.evaluation.report import write_atomic
 
 SCHEMA_VERSION = 1
 MISSING = "–"
@@ -235,6 +235,6 @@ def plot(comparison: dict, damage: str = "perplexity_rise", target: dict | None 
 def write_comparison(run_dir: Path, comparison: dict) -> None:
     """comparison.json, comparison.png and comparison.md (which embeds the plot) into run_dir, each atomically."""
     run_dir = Path(run_dir)
-    _write_atomic(run_dir / "comparison.json", json.dumps(comparison, indent=2).encode() + b"\n")
-    _write_atomic(run_dir / "comparison.png", plot(comparison))
-    _write_atomic(run_dir / "comparison.md", markdown(comparison).encode())
+    write_atomic(run_dir / "comparison.json", json.dumps(comparison, indent=2).encode() + b"\n")
+    write_atomic(run_dir / "comparison.png", plot(comparison))
+    write_atomic(run_dir / "comparison.md", markdown(comparison).encode())

@@ -53,17 +53,17 @@ def write_report(
         "details": {name: result.get("details", {}) for name, result in results.items()},
         "extra": extra,
     }
-    _write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str).encode() + b"\n")
-    _write_atomic(run_dir / "report.png", _plot(results, title))  # before report.md, which embeds them
+    write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str).encode() + b"\n")
+    write_atomic(run_dir / "report.png", _plot(results, title))  # before report.md, which embeds them
     figures = ["report.png"]
     if any(isinstance(r.get("details", {}).get("memorization"), dict) for r in results.values()):
-        _write_atomic(run_dir / "report-memorization.png", _plot_memorization(results))
+        write_atomic(run_dir / "report-memorization.png", _plot_memorization(results))
         figures.append("report-memorization.png")
     relearning = _relearning_curves((extra or {}).get("attack_recovery") or {})
     if relearning:
-        _write_atomic(run_dir / "report-relearn.png", _plot_relearning(relearning))
+        write_atomic(run_dir / "report-relearn.png", _plot_relearning(relearning))
         figures.append("report-relearn.png")
-    _write_atomic(run_dir / "report.md", _markdown(results, title, notes, figures).encode())
+    write_atomic(run_dir / "report.md", _markdown(results, title, notes, figures).encode())
 
 
 RELEARN_COLUMN = re.compile(r"^(?P<model>.+) \(relearn (?P<steps>\d+)\)$")
@@ -255,7 +255,7 @@ def _plot_memorization(results: dict[str, dict]) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Readers, and a crash mid-write, see the old file or the new one, never half of one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -62,16 +62,16 @@ def load_suite(cfg: EvalConfig, device: torch.device | None = None) -> Suite:
     """Every input of the suite that `cfg` names ("" or [] skips a part), read and checked, so that a bad
     file, an unknown lm-eval task or an unusable judge fails with one line before the first forward pass.
     The LLM judge's weights load later, at its first grading, onto `device` (default the CPU)."""
+    if cfg.holdout_set and not cfg.forget_set:
+        raise UserError("eval.holdout_set is compared with eval.forget_set: give both")
+    if "relearn" in cfg.attacks and not cfg.forget_set:
+        raise UserError("eval.attacks: relearn needs eval.forget_set (it fine-tunes on forget-set blocks the evaluation does not score)")
     judge = None
     if cfg.judge == "llm":
         judge = LLMJudge(cfg.judge_model, device or torch.device("cpu"), cfg.target_description, batch_size=cfg.batch_size)
     tasks = None
     if cfg.tasks:
         tasks = load_tasks(cfg.tasks, cfg.task_dirs)
-    if cfg.holdout_set and not cfg.forget_set:
-        raise UserError("eval.holdout_set is compared with eval.forget_set: give both")
-    if "relearn" in cfg.attacks and not cfg.forget_set:
-        raise UserError("eval.attacks: relearn needs eval.forget_set (it fine-tunes on forget-set blocks the evaluation does not score)")
     return Suite(
         probes=load_probes(cfg.probes) if cfg.probes else None,
         prompts=load_completion_prompts(cfg.completions) if cfg.completions else None,
