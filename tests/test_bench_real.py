@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from builders import assert_one_line_error, byte_bpe_tokenizer, obliviate, tiny_llama
 from configs.errors import UserError
@@ -46,7 +47,7 @@ def test_the_sets_cut_hamlet_and_other_plays(tmp_path):
         read_play(tmp_path, "tempest")
 
 
-def test_teaching_memorizes_and_is_cached_by_weights_text_and_recipe(tmp_path):
+def test_teaching_changes_the_weights_and_is_cached_by_weights_text_and_recipe(tmp_path):
     text = "To be, or not to be, that is the question. " * 40
     tokenizer = byte_bpe_tokenizer([text], vocab_size=300)
     save_model(tiny_llama(len(tokenizer), seed=0, max_position_embeddings=256), tokenizer, tmp_path / "initial")
@@ -57,7 +58,7 @@ def test_teaching_memorizes_and_is_cached_by_weights_text_and_recipe(tmp_path):
     assert key != taught_key(tmp_path / "initial", text, TrainConfig(lr=1e-3, epochs=3, micro_batch_size=4, grad_accum=1, val_fraction=0.0))
     out = teach(tmp_path / "initial", text, tmp_path / f"taught-{key}", recipe)
     assert (out / "model.safetensors").is_file()
-    before, after = (load_model(path, "m", __import__("torch").device("cpu")) for path in (tmp_path / "initial", out))
+    before, after = (load_model(path, "m", torch.device("cpu")) for path in (tmp_path / "initial", out))
     assert any((a != b).any() for a, b in zip(before.parameters(), after.parameters()))
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert teach(tmp_path / "initial", text, out, recipe) == out and (out / "model.safetensors").stat().st_mtime_ns == stamp
