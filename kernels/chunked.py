@@ -26,9 +26,10 @@ def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def default_chunk(n: int, h: int, cast_weights: bool) -> int:
-    """Columns per chunk: 3 fp32 [N, chunk] buffers (b, r/excess, mixed) plus the cast weight chunk."""
-    per_column = 4 * (3 * max(n, 1) + (2 * h if cast_weights else 0))
+def default_chunk(n: int, h: int, cast_weights: bool, *, buffers: int = 3, heads: int = 2) -> int:
+    """Columns per chunk within the budget: `buffers` fp32 [N, chunk] work buffers (the label kernel's three:
+    b, r/excess, mixed) plus, for non-fp32 weights, the fp32 casts of `heads` weight chunks of width h."""
+    per_column = 4 * (buffers * max(n, 1) + (heads * h if cast_weights else 0))
     chunk = CHUNK_BUDGET_BYTES // per_column
     return int(min(MAX_CHUNK, max(MIN_CHUNK, chunk // MIN_CHUNK * MIN_CHUNK)))
 
