@@ -10,7 +10,7 @@ import torch
 
 from builders import assert_one_line_error, obliviate
 from configs import TrainConfig
-from engine.training.objectives import AscentLoss
+from engine.training.objectives import AscentLoss, scores_from_logits
 from engine.training.backends import TorchBackend
 from engine.training.objectives import NEXT_TOKEN
 from test_cli import TINY, world  # noqa: F401 - the module-scoped tiny world
@@ -23,10 +23,10 @@ def test_the_ascent_loss_is_the_negated_next_token_loss_on_a_hand_worked_case():
     targets = torch.tensor([[0, 1, -100]])
     loss = AscentLoss()
     assert loss.units(targets, targets) == 1
-    assert float(loss.loss_sum(logits, targets, targets)) == pytest.approx(-torch.log(torch.tensor(2.0)).item())
+    assert float(loss.loss_sum(scores_from_logits(logits, loss.labels(targets, targets)), targets, targets)) == pytest.approx(-torch.log(torch.tensor(2.0)).item())
     targets = torch.tensor([[0, 1, 0]])
     assert loss.units(targets, targets) == 2
-    assert float(loss.loss_sum(logits, targets, targets)) == pytest.approx(-2 * torch.log(torch.tensor(2.0)).item())
+    assert float(loss.loss_sum(scores_from_logits(logits, loss.labels(targets, targets)), targets, targets)) == pytest.approx(-2 * torch.log(torch.tensor(2.0)).item())
 
 
 def test_the_first_ascent_step_reports_the_negated_golden_loss_and_raises_it():

@@ -12,7 +12,7 @@ import torch
 from configs import TrainConfig
 from engine.training.backends import TorchBackend
 from engine.training.loop import fit
-from engine.training.objectives import NEXT_TOKEN, AscentLoss, GradDiffLoss, NPOLoss, RetainedNextTokenLoss, SimNPOLoss, kl_sums, memorization_scores, sequence_log_probs
+from engine.training.objectives import NEXT_TOKEN, AscentLoss, GradDiffLoss, NPOLoss, RetainedNextTokenLoss, SimNPOLoss, memorization_scores, next_token_kl, next_token_log_probs, scores_from_logits
 from engine.training.schedule import Schedule, pad_blocks
 from engine.training.selection import MemorizationSelection
 from test_train import patterned_blocks, tiny_model
@@ -20,12 +20,15 @@ from test_train import patterned_blocks, tiny_model
 LN2 = math.log(2)
 
 
-def test_sequence_log_probs_sum_the_counted_next_tokens():
+def loss_of(objective, logits, ids, targets, reference=None):
+    """`objective.loss_sum` on the scores a model with these logits gets (the backends' direct path)."""
+    return objective.loss_sum(scores_from_logits(logits, objective.labels(ids, targets), reference), ids, targets)
+
+
+def test_next_token_log_probs_are_zero_at_ignored_positions():
     logits = torch.zeros(2, 3, 2)  # uniform over 2 tokens: each counted position is ln ½
     labels = torch.tensor([[0, 1, 1], [0, -100, 1]])
-    log_probs, counts = sequence_log_probs(logits, labels)
-    assert counts.tolist() == [2, 1]
-    assert log_probs.tolist() == pytest.approx([-2 * LN2, -LN2])
+    torch.testing.assert_close(next_token_log_probs(logits, labels), torch.tensor([[-LN2, -LN2], [0.0, -LN2]]))
 
 
 def test_graddiff_ascends_on_forget_and_descends_on_retain():
@@ -33,7 +36,7 @@ def test_graddiff_ascends_on_forget_and_descends_on_retain():
     ids = torch.tensor([[[0, 1, 1], [1, 0, 0]]])
     loss = GradDiffLoss(retain_weight=0.5)
     assert loss.units(ids, ids) == 2  # the forget tokens
-    assert float(loss.loss_sum(logits, ids, ids)) == pytest.approx(-2 * LN2 + 0.5 * 2 * LN2)
+    assert float(loss_of(loss, logits, ids, ids)) == pytest.approx(-2 * LN2 + 0.5 * 2 * LN2)
 
 
 def test_the_kl_retain_term_on_hand_worked_distributions():
@@ -42,13 +45,13 @@ def test_the_kl_retain_term_on_hand_worked_distributions():
     logits, ids = torch.zeros(1, 2, 3, 2), torch.tensor([[[0, 1, 1], [1, 0, 0]]])
     reference = torch.tensor([math.log(3.0), 0.0]).expand(1, 3, 2)
     per_position = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
-    assert float(kl_sums(logits[:, 1], reference)[0]) == pytest.approx(2 * per_position)
-    assert float(kl_sums(reference, reference)[0]) == pytest.approx(0.0, abs=1e-7)  # identical distributions
+    assert float(next_token_kl(logits[:, 1], reference).sum(-1)[0]) == pytest.approx(2 * per_position)
+    assert float(next_token_kl(reference, reference).sum(-1)[0]) == pytest.approx(0.0, abs=1e-7)  # identical distributions
     loss = GradDiffLoss(retain_weight=0.5, retain_kl=True)
-    assert float(loss.loss_sum(logits, ids, ids, reference)) == pytest.approx(-2 * LN2 + 0.5 * 2 * per_position)
-    same = loss.loss_sum(logits, ids, ids, logits[:, 1])
+    assert float(loss_of(loss, logits, ids, ids, reference)) == pytest.approx(-2 * LN2 + 0.5 * 2 * per_position)
+    same = loss_of(loss, logits, ids, ids, logits[:, 1])
     assert float(same) == pytest.approx(-2 * LN2)  # KL of identical distributions = 0: GA alone
-    npo = NPOLoss(beta=0.1, retain_weight=1.0).loss_sum(logits, ids, torch.tensor([[-2 * LN2]]), reference)
+    npo = loss_of(NPOLoss(beta=0.1, retain_weight=1.0), logits, ids, torch.tensor([[-2 * LN2]]), reference)
     assert float(npo) == pytest.approx(20 * LN2 + per_position)  # per-sequence: the retain row's mean KL
 
 
@@ -59,12 +62,12 @@ def test_whp_retain_term_adds_the_retain_rows_nll_or_kl_to_the_label_loss():
     labels = torch.tensor([[0, 1, -100]])
     loss = RetainedNextTokenLoss(retain_weight=0.5)
     assert loss.units(ids, labels) == 1
-    assert float(loss.loss_sum(logits, ids, labels)) == pytest.approx(LN2 + 0.5 * 2 * LN2)
+    assert float(loss_of(loss, logits, ids, labels)) == pytest.approx(LN2 + 0.5 * 2 * LN2)
     reference = torch.tensor([math.log(3.0), 0.0]).expand(1, 3, 2)
     per_position = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
-    assert float(loss.loss_sum(logits, ids, labels, reference)) == pytest.approx(LN2 + 0.5 * 2 * per_position)
+    assert float(loss_of(loss, logits, ids, labels, reference)) == pytest.approx(LN2 + 0.5 * 2 * per_position)
     padding = torch.full((1, 3), -100)
-    assert float(loss.loss_sum(logits, ids, padding)) == 0.0  # a padding row adds nothing
+    assert float(loss_of(loss, logits, ids, padding)) == 0.0  # a padding row adds nothing
 
 
 def test_npo_on_hand_worked_sequences():
@@ -75,10 +78,10 @@ def test_npo_on_hand_worked_sequences():
     assert loss.units(ids, reference) == 2
     equal = (2 / 0.1) * LN2  # −(2/β)·log σ(0)
     below = -(2 / 0.1) * math.log(1 / (1 + math.exp(-0.1)))  # −(2/β)·log σ(−β·(−1))
-    assert float(loss.loss_sum(logits, ids, reference)) == pytest.approx(equal + below)
+    assert float(loss_of(loss, logits, ids, reference)) == pytest.approx(equal + below)
     # With a retain term, each valid bundle adds w · its retain row's mean NLL (ln 2 here).
     bundles = torch.stack([ids, ids], dim=1)
-    with_retain = NPOLoss(beta=0.1, retain_weight=2.0).loss_sum(torch.zeros(3, 2, 3, 2), bundles, reference)
+    with_retain = loss_of(NPOLoss(beta=0.1, retain_weight=2.0), torch.zeros(3, 2, 3, 2), bundles, reference)
     assert float(with_retain) == pytest.approx(equal + below + 2 * 2.0 * LN2)
 
 
@@ -88,9 +91,9 @@ def test_simnpo_is_length_normalised_and_reference_free():
     targets = ids.clone()
     targets[1] = -100  # a padding row counts nothing
     assert SimNPOLoss(beta=1.0, gamma=0.0).units(ids, targets) == 1
-    assert float(SimNPOLoss(beta=1.0, gamma=0.0).loss_sum(logits, ids, targets)) == pytest.approx(-2 * math.log(2 / 3))
+    assert float(loss_of(SimNPOLoss(beta=1.0, gamma=0.0), logits, ids, targets)) == pytest.approx(-2 * math.log(2 / 3))
     shifted = -2 * math.log(1 / (1 + math.exp(-(LN2 - 0.5))))
-    assert float(SimNPOLoss(beta=1.0, gamma=0.5).loss_sum(logits, ids, targets)) == pytest.approx(shifted)
+    assert float(loss_of(SimNPOLoss(beta=1.0, gamma=0.5), logits, ids, targets)) == pytest.approx(shifted)
 
 
 def test_padding_rows_of_value_targets_are_nan_and_count_nothing():
@@ -114,7 +117,7 @@ def test_golden_first_step_losses_per_method():
     forget, retain = blocks[:4], blocks[4:8]
     bundles = torch.stack([forget, retain], dim=1)
     with torch.no_grad():
-        reference = sequence_log_probs(tiny_model()(forget).logits, forget)[0][:, None]  # the frozen baseline: θ at step 0
+        reference = next_token_log_probs(tiny_model()(forget).logits, forget).sum(-1)[:, None]  # the frozen baseline: θ at step 0
     cases = {
         "ga": (AscentLoss(), forget, forget),
         "graddiff": (GradDiffLoss(1.0), bundles, bundles),
@@ -217,7 +220,7 @@ def test_the_reference_teacher_streams_each_blocks_log_probability_without_logit
     scorer = ReferenceScorer(model, [Block("", row.tolist(), []) for row in blocks], batch_size=2)
     got = scorer(torch.tensor([3, 0, 3]))
     with torch.no_grad():
-        want = sequence_log_probs(model(blocks).logits, blocks)[0]
+        want = next_token_log_probs(model(blocks).logits, blocks).sum(-1)
     assert got.shape == (3, 1) and got.dtype == torch.float32
     torch.testing.assert_close(got[:, 0], want[[3, 0, 3]], rtol=1e-5, atol=1e-4)
     assert sorted(scorer.cache) == [0, 3] and scorer.stats() == {"blocks": 2}  # each block scored once

@@ -1,7 +1,8 @@
 """Training backends: one optimizer update over a rank's micro-batches, behind the protocol the loop uses.
 
 `TorchBackend` trains in this process; `engine.training.zero.DeepSpeedBackend` is the same step sharded by
-DeepSpeed ZeRO-3. Both minimize the phase's `Objective`.
+DeepSpeed ZeRO-3. Both minimize the phase's `Objective` on the `TokenScores` that their `Scorer` makes of
+the trained model: its logits (`LogitScorer`), or offset unlearning's ensemble (`engine.training.offset`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from configs import TrainConfig
 from engine.models import load_model
-from engine.training.objectives import NEXT_TOKEN, Objective
+from engine.training.objectives import NEXT_TOKEN, Objective, TokenScores, scores_from_logits
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (input_ids [b, L] or bundled [b, k, L], targets: one row per block, see objectives)
 
@@ -23,6 +24,28 @@ def bundled_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
     """The model's logits for [b, L] rows, or for bundled [b, k, L] rows in one forward pass: [b, (k,) L, V]."""
     logits = model(input_ids=input_ids.reshape(-1, input_ids.shape[-1])).logits
     return logits.view(*input_ids.shape, logits.shape[-1])
+
+
+class Scorer(Protocol):
+    """How a backend scores the labels an objective names: `model` is the trained module (or its ZeRO-3
+    engine); the frozen models it needs are the scorer's own."""
+
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> TokenScores: ...
+
+
+@dataclass(frozen=True)
+class LogitScorer:
+    """`TokenScores` from the model's logits; with a frozen `reference` (a KL retain term), KL(reference ‖ model)
+    on the retain rows from the reference's logits."""
+
+    reference: torch.nn.Module | None = None
+
+    def __call__(self, model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> TokenScores:
+        reference = None
+        if self.reference is not None:
+            with torch.no_grad():
+                reference = self.reference(input_ids=input_ids[:, 1]).logits
+        return scores_from_logits(bundled_logits(model, input_ids), labels, reference)
 
 
 @dataclass
@@ -84,10 +107,9 @@ class TorchBackend:
         save_fn: Callable[[torch.nn.Module, Path], None],
         autocast_dtype: torch.dtype | None = None,
         objective: Objective = NEXT_TOKEN,
-        reference: torch.nn.Module | None = None,
+        scorer: Scorer = LogitScorer(),
     ):
-        """`reference`: a frozen model whose logits on the retain rows reach the objective (a KL retain term)."""
-        self.model, self.objective, self.reference = model, objective, reference
+        self.model, self.objective, self.scorer = model, objective, scorer
         self.device = next(model.parameters()).device
         self.cfg = cfg
         self.save_fn = save_fn
@@ -95,23 +117,20 @@ class TorchBackend:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
-    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        enabled = self.autocast_dtype is not None
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
-            return bundled_logits(self.model, input_ids.to(self.device))
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        return self._logits(input_ids)
+        with self._autocast():
+            return bundled_logits(self.model, input_ids.to(self.device))
 
     def _loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.to(self.device)
-        reference = None
-        if self.reference is not None:
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None):
-                reference = self.reference(input_ids=ids[:, 1]).logits
-        return self.objective.loss_sum(self._logits(ids), ids, targets.to(self.device), reference)
+        ids, targets = input_ids.to(self.device), targets.to(self.device)
+        with self._autocast():
+            scores = self.scorer(self.model, ids, self.objective.labels(ids, targets))
+        return self.objective.loss_sum(scores, ids, targets)
 
     @torch.no_grad()
     def extrapolate_from(self, reference: Path, scale: float) -> None:

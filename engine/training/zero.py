@@ -22,7 +22,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from configs import TrainConfig
-from engine.training.backends import MicroBatch, StepStats, bundled_logits
+from engine.training.backends import LogitScorer, MicroBatch, Scorer, StepStats, bundled_logits
 from engine.training.objectives import NEXT_TOKEN, Objective
 
 # Consolidating a large model or a long evaluation can outlast the default 30 min collective timeout.
@@ -93,40 +93,30 @@ def frozen_zero3(path: str | Path, dtype: torch.dtype, zero: dict[str, Any] | No
 class DeepSpeedBackend:
     """`TrainBackend` on a DeepSpeed ZeRO-3 engine; every rank must make the same sequence of calls."""
 
-    def __init__(self, model: PreTrainedModel, cfg: TrainConfig, ds_config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None = None, objective: Objective = NEXT_TOKEN, reference: Path | None = None):
-        """`reference`: a frozen model, partitioned like the trained one, whose logits on the retain rows reach the objective."""
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None = None, objective: Objective = NEXT_TOKEN, scorer: Scorer = LogitScorer()):
+        """`scorer`'s frozen models are partitioned like the trained one (`frozen_zero3`)."""
         ensure_distributed()
-        self.cfg, self.objective = cfg, objective
+        self.cfg, self.objective, self.scorer = cfg, objective, scorer
         self.tokenizer, self.ds_config = tokenizer, ds_config
         self.dtype = next(model.parameters()).dtype
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.reference = frozen_zero3(reference, self.dtype) if reference is not None else None
-        if self.reference is not None:
-            self.reference.module.eval()
 
     def all_reduce(self, *values: float) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(t)
         return t.tolist()
 
-    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return bundled_logits(self.engine, input_ids.to(self.engine.device))
-
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.engine.eval()
-        return self._logits(input_ids)
+        return bundled_logits(self.engine, input_ids.to(self.engine.device))
 
     def _loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.to(self.engine.device)
-        reference = None
-        if self.reference is not None:
-            with torch.no_grad():
-                reference = self.reference(input_ids=ids[:, 1]).logits
-        return self.objective.loss_sum(self._logits(ids), ids, targets.to(self.engine.device), reference)
+        ids, targets = input_ids.to(self.engine.device), targets.to(self.engine.device)
+        return self.objective.loss_sum(self.scorer(self.engine, ids, self.objective.labels(ids, targets)), ids, targets)
 
     @torch.no_grad()
     def extrapolate_from(self, reference: Path, scale: float) -> None:
