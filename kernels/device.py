@@ -1,7 +1,7 @@
 """Facts about the devices and models the kernels run on, shared by `plan`, `bench-train` and the profiler.
 
 Here rather than in the profiler so that run-time code never imports the profiler: one Llama shape table,
-the dense peak TFLOP/s of known GPUs, and what each label kernel allocates beyond its inputs.
+the dense peak TFLOP/s of known GPUs, and what each label and offset kernel allocates beyond its inputs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from kernels.chunked import default_chunk
+from kernels.offset import WORK_BUFFERS as OFFSET_WORK_BUFFERS
 
 
 class LlamaDims(NamedTuple):
@@ -77,3 +78,26 @@ def extra_bytes_estimate(impl: str, n: int, h: int, v: int, dtype: torch.dtype, 
         c = min(v, default_chunk(n, h, dtype != torch.float32))
         return 2 * n * h * fp32 + 2 * c * h * fp32 + 3 * n * c * fp32 + 4 * n * fp32 + outputs + (64 << 20)
     return casts + (6 + (k > 0)) * n * v * fp32 + outputs
+
+
+def offset_extra_bytes_estimate(impl: str, n: int, h: int, h_small: int, v: int, dtype: torch.dtype) -> int:
+    """What `offset_token_stats` forward + backward allocates beyond its inputs (an over- rather than under-estimate).
+
+    Every impl: fp32 [N] outputs and logsumexps, and the gradients of h_train and w_train in the input dtype.
+    reference: fp32 copies of the inputs (unless fp32) and eight [N, V] fp32 at once (three heads' logits, z,
+    two log-softmaxes and autograd's buffers; measured 1000 MiB at N=1024, V=32000 on CPU). chunked: fp32
+    hidden states, the work buffers and three cast weight chunks (chunk width from kernels.chunked.default_chunk),
+    fp32 dh. triton: fp32 dh partials (capped at 256 MiB there) and the fp32 dW accumulator. auto: the larger.
+    """
+    fp32, width = 4, h + 2 * h_small
+    common = (n + v) * h_small * dtype.itemsize + 8 * n * fp32 + (64 << 20)
+    if impl == "triton":
+        return common + (256 << 20) + v * h_small * fp32
+    if impl in ("chunked", "auto"):
+        cast = dtype != torch.float32
+        c = min(v, default_chunk(n, max(h, h_small), cast, buffers=OFFSET_WORK_BUFFERS, heads=3))
+        chunked = common + (n * width * fp32 if cast else 0) + (OFFSET_WORK_BUFFERS * n + 3 * max(h, h_small)) * c * fp32
+        chunked += n * h_small * fp32
+        return chunked if impl == "chunked" else max(chunked, offset_extra_bytes_estimate("triton", n, h, h_small, v, dtype))
+    casts = 0 if dtype == torch.float32 else (n + v) * width * fp32
+    return common + casts + 8 * n * v * fp32

@@ -1,15 +1,21 @@
-"""Throughput and memory of `generic_labels`, per impl, shape and token count (`obliviate profile-kernel`).
+"""Throughput and memory of `generic_labels` or the offset loss, per impl, shape and token count (`obliviate profile-kernel`).
 
     obliviate profile-kernel --shape llama2-7b --tokens 512 --impl reference,chunked          # CPU
     obliviate profile-kernel --shape llama2-7b --shape llama3-8b --tokens 8192,65536 --dtype bf16
+    obliviate profile-kernel --op offset --shape llama2-7b --small-hidden 1024 --tokens 8192 --dtype bf16
     python -m kernels.profile --shape llama2-7b --tokens 8192 --dtype bf16   # same flags, without the CLI's deps
 
+--op labels (default) times `generic_labels`; --op offset times `offset_token_stats` forward + backward
+(log p and KL to M, gradients for the trainable pair), M of the --shape and a small pair of --small-hidden
+width (default H/4) on the same vocabulary, α from --alphas (one value, default 1).
 Per row: median ms (`triton.testing.do_bench` on CUDA, wall clock over --repeats on CPU), tokens/s,
-effective TFLOP/s with FLOPs = 4·N·H·V (two matmuls) and % of the device's dense peak, peak extra memory
-beyond the inputs, and the fraction of labels that agree with `reference` on the same inputs (by id, or
-by the mixed value at the chosen id within a tolerance, so ties do not count as errors). Rows that would
-not fit are estimated first and skipped, allocation failures become "OOM", and a name that is not
-registered in `kernels.mixing` becomes "unavailable"; nothing here stops the sweep.
+effective TFLOP/s and % of the device's dense peak (FLOPs: 4·N·H·V for labels, two matmuls; 2·N·V·(H + 4·H_o)
+for offset, three forward matmuls and two gradient ones, the backward's recomputation not counted), peak
+extra memory beyond the inputs, and the fraction that agrees with `reference` on the same inputs (labels:
+by id, or by the mixed value at the chosen id within a tolerance, so ties do not count as errors; offset:
+rows whose log p and KL are within 1e-3·max(1, |reference|)). Rows that would not fit are estimated first
+and skipped, allocation failures become "OOM", and a name that is not registered in `kernels.mixing`
+becomes "unavailable"; nothing here stops the sweep.
 Rows are appended to a CSV and drawn in a PNG. Needs only torch at import time (triton, matplotlib lazily).
 """
 
@@ -34,14 +40,15 @@ from pathlib import Path
 
 import torch
 
-from kernels.device import LLAMAS, extra_bytes_estimate, nvtx_range, peak_tflops
+from kernels.device import LLAMAS, extra_bytes_estimate, nvtx_range, offset_extra_bytes_estimate, peak_tflops
 from kernels.mixing import IMPL_NAMES, interpreter_requested
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CUDA_HEADROOM = 512 << 20  # do_bench's 256 MiB L2-flush buffer, the CUDA context's slack
 GIB, MIB = float(1 << 30), float(1 << 20)
 CSV_COLUMNS = ("timestamp", "device", "torch", "triton", "commit", "impl", "shape", "H", "V", "N", "dtype", "alphas",
-               "ms", "tokens/s", "TFLOP/s", "% peak", "peak extra MiB", "memory measure", "status", "match fraction")
+               "ms", "tokens/s", "TFLOP/s", "% peak", "peak extra MiB", "memory measure", "status", "match fraction",
+               "op", "H small")  # the last two joined later: older files lack them (op labels, no small pair)
 
 
 class BadFlag(ValueError):
@@ -65,9 +72,13 @@ class Row:
     extra_bytes: int | None = None
     status: str = "ok"
     match: float | None = None
+    op: str = "labels"
+    H_small: int | None = None  # the offset op's small pair
 
     @property
     def flops(self) -> int:
+        if self.op == "offset":  # z_M, z_O, z_P forward; dh_P, dW_P backward (recomputed logits not counted)
+            return 2 * self.N * self.V * (self.H + 4 * self.H_small)
         return 4 * self.N * self.H * self.V
 
     @property
@@ -269,20 +280,113 @@ def input_bytes(n: int, h: int, v: int, dtype: torch.dtype, k: int) -> int:
     return 2 * (n + v) * h * dtype.itemsize + n * k * 8
 
 
+def _normal(g: torch.Generator, rows: int, width: int, std: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(rows, width, dtype=dtype, device=g.device).normal_(0.0, std, generator=g)
+
+
 def make_inputs(n: int, h: int, v: int, dtype: torch.dtype, k: int, device: torch.device, seed: int = 0):
     """hb, wb, hr, wr, forbidden: hidden states ~ N(0, 1), weights ~ N(0, 1/H) so logits are ~ N(0, 1)."""
     g = torch.Generator(device=device).manual_seed(seed)
-
-    def normal(rows: int, std: float) -> torch.Tensor:
-        return torch.empty(rows, h, dtype=dtype, device=device).normal_(0.0, std, generator=g)
-
-    hb, wb, hr, wr = normal(n, 1.0), normal(v, h ** -0.5), normal(n, 1.0), normal(v, h ** -0.5)
+    hb, wb, hr, wr = (_normal(g, rows, h, std, dtype) for rows, std in ((n, 1.0), (v, h**-0.5), (n, 1.0), (v, h**-0.5)))
     forbidden = None
     if k:
         forbidden = torch.randint(0, v, (n, k), generator=g, device=device)
         if k > 1:
             forbidden[1::2, -1] = -1  # padding on every other row
     return hb, wb, hr, wr, forbidden
+
+
+def make_offset_inputs(n: int, h: int, h_small: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """h_big, w_big, h_small, w_small, h_train, w_train (trainable: P = O plus a little noise), targets."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    h_big, w_big = _normal(g, n, h, 1.0, dtype), _normal(g, v, h, h**-0.5, dtype)
+    hidden, weight = _normal(g, n, h_small, 1.0, dtype), _normal(g, v, h_small, h_small**-0.5, dtype)
+    h_train = (hidden + _normal(g, n, h_small, 0.1, dtype)).requires_grad_()
+    w_train = (weight + _normal(g, v, h_small, 0.1 * h_small**-0.5, dtype)).requires_grad_()
+    return h_big, w_big, hidden, weight, h_train, w_train, torch.randint(0, v, (n,), generator=g, device=device)
+
+
+@dataclass
+class LabelsOp:
+    """`generic_labels` with the run's α list and K forbidden ids per row."""
+
+    alphas: list[float]
+    forbidden_k: int
+    name = "labels"
+    title = "generic_labels"
+    flops_text = "4·N·H·V"
+
+    def small(self, h: int) -> None:
+        return None
+
+    def input_bytes(self, n, h, v, dtype) -> int:
+        return input_bytes(n, h, v, dtype, self.forbidden_k)
+
+    def extra_bytes(self, impl, n, h, v, dtype) -> int:
+        return extra_bytes_estimate(impl, n, h, v, dtype, len(self.alphas), self.forbidden_k)
+
+    def make_inputs(self, n, h, v, dtype, device):
+        return make_inputs(n, h, v, dtype, self.forbidden_k, device)
+
+    def call(self, inputs, impl: str):
+        import kernels.mixing  # looked up per call, so tests can put a fake dispatcher there
+
+        return kernels.mixing.generic_labels(*inputs[:4], self.alphas, inputs[4], impl=impl)
+
+    def reference(self, inputs):
+        import kernels.mixing
+
+        labels, _, best = kernels.mixing.generic_labels(*inputs[:4], self.alphas, inputs[4], impl="reference", return_stats=True)
+        return labels, best
+
+    def problem(self, result) -> str | None:
+        return None if isinstance(result, torch.Tensor) else f"error: returned {type(result).__name__}, not a label tensor"
+
+    def match(self, result, reference, inputs) -> float:
+        return match_fraction(result, reference[0], reference[1], inputs, self.alphas)
+
+
+@dataclass
+class OffsetOp:
+    """`offset_token_stats` forward + backward with the KL (the retain loss, the larger case), M of the shape's
+    width and a small pair of `small_hidden` (default H/4) on the same vocabulary."""
+
+    alpha: float
+    small_hidden: int | None
+    name = "offset"
+    title = "offset_token_stats forward + backward"
+    flops_text = "2·N·V·(H + 4·H_o)"
+
+    def small(self, h: int) -> int:
+        return self.small_hidden or max(1, h // 4)
+
+    def input_bytes(self, n, h, v, dtype) -> int:
+        return (n + v) * (h + 2 * self.small(h)) * dtype.itemsize + 8 * n
+
+    def extra_bytes(self, impl, n, h, v, dtype) -> int:
+        return offset_extra_bytes_estimate(impl, n, h, self.small(h), v, dtype)
+
+    def make_inputs(self, n, h, v, dtype, device):
+        return make_offset_inputs(n, h, self.small(h), v, dtype, device)
+
+    def call(self, inputs, impl: str):
+        """(log_probs, kl, dh_train, dw_train); the gradients are returned, not accumulated into .grad."""
+        from kernels.offset import offset_token_stats
+
+        *heads, targets = inputs
+        log_probs, kl = offset_token_stats(*heads, targets, self.alpha, kl=True, impl=impl)
+        grads = torch.autograd.grad(log_probs.sum() + kl.sum(), heads[4:])
+        return (log_probs.detach(), kl.detach(), *grads)
+
+    def reference(self, inputs):
+        return self.call(inputs, "reference")
+
+    def problem(self, result) -> str | None:
+        return None if isinstance(result, tuple) and len(result) == 4 else "error: not (log_probs, kl, dh, dw)"
+
+    def match(self, result, reference, inputs) -> float:
+        close = [((got - want).abs() <= 1e-3 * want.abs().clamp(min=1.0)) for got, want in zip(result[:2], reference[:2])]
+        return float((close[0] & close[1]).float().mean())
 
 
 # ---------------------------------------------------------------- measuring
@@ -356,10 +460,9 @@ def match_fraction(labels, ref_labels, ref_best, inputs, alphas, block: int = 10
     return good / max(1, labels.numel())
 
 
-def profile(shapes, tokens, dtype_name, impls, alphas, forbidden_k, device, repeats, log=None) -> list[Row]:
-    """One Row per impl × shape × N; inputs are built once per shape × N and shared by every impl."""
-    from kernels.mixing import generic_labels
-
+def profile(shapes, tokens, dtype_name, impls, op, device, repeats, log=None) -> list[Row]:
+    """One Row per impl × shape × N for `op` (LabelsOp or OffsetOp); inputs are built once per shape × N and
+    shared by every impl."""
     registered = registered_impls()
     log = log or (lambda message: None)
     dtype = DTYPES[dtype_name]
@@ -368,16 +471,12 @@ def profile(shapes, tokens, dtype_name, impls, alphas, forbidden_k, device, repe
     for shape, h, v in shapes:
         for n in tokens:
             free = free_bytes(device)
-            inputs_size = input_bytes(n, h, v, dtype, forbidden_k)
-
-            needed = {
-                impl: inputs_size + headroom + extra_bytes_estimate(impl, n, h, v, dtype, len(alphas), forbidden_k)
-                for impl in {*impls, "reference"}
-            }
+            inputs_size = op.input_bytes(n, h, v, dtype)
+            needed = {impl: inputs_size + headroom + op.extra_bytes(impl, n, h, v, dtype) for impl in {*impls, "reference"}}
 
             planned = []
             for impl in impls:
-                row = Row(impl, shape, h, v, n, dtype_name)
+                row = Row(impl, shape, h, v, n, dtype_name, op=op.name, H_small=op.small(h))
                 if impl != "auto" and impl not in registered:
                     row.status = "unavailable: not registered in kernels.mixing"
                 elif impl == "triton" and device.type == "cpu" and not interpreter_requested():
@@ -392,7 +491,7 @@ def profile(shapes, tokens, dtype_name, impls, alphas, forbidden_k, device, repe
             if not planned:
                 continue
             try:
-                inputs = make_inputs(n, h, v, dtype, forbidden_k, device)
+                inputs = op.make_inputs(n, h, v, dtype, device)
             except Exception as error:  # noqa: BLE001 - an allocation failure ends this shape, not the sweep
                 if not is_oom(error):
                     raise
@@ -401,33 +500,30 @@ def profile(shapes, tokens, dtype_name, impls, alphas, forbidden_k, device, repe
                 continue
             reference = None
             if needed["reference"] <= free:
-                log(f"  reference labels for {shape} N={n} (correctness)")
+                log(f"  reference {op.name} for {shape} N={n} (correctness)")
                 try:
-                    labels, _, best = generic_labels(*inputs[:4], alphas, inputs[4], impl="reference", return_stats=True)
-                    reference = (labels, best)
+                    reference = op.reference(inputs)
                 except Exception as error:  # noqa: BLE001
                     if not is_oom(error):
                         raise
             for row in planned:
                 log(f"  {row.impl} {shape} N={n} {dtype_name}")
-                _measure(row, inputs, alphas, device, repeats, reference, generic_labels)
+                _measure(row, op, inputs, device, repeats, reference)
             del inputs, reference
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
 
 
-def _measure(row: Row, inputs, alphas, device, repeats, reference, generic_labels) -> None:
-    hb, wb, hr, wr, forbidden = inputs
-
+def _measure(row: Row, op, inputs, device, repeats, reference) -> None:
     def call():
-        with nvtx_range(f"generic_labels[{row.impl}]"):
-            return generic_labels(hb, wb, hr, wr, alphas, forbidden, impl=row.impl)
+        with nvtx_range(f"{op.title.split()[0]}[{row.impl}]"):
+            return op.call(inputs, row.impl)
 
     try:
         call()  # warm-up: compilation and autotuning (whose benchmark buffers) stay out of the memory figure
         with MemoryMeter(device) as meter:
-            labels = call()
+            result = call()
         row.extra_bytes = meter.extra
         row.ms = time_ms(call, device, repeats)
     except Exception as error:  # noqa: BLE001 - one failing impl is a row, not the end of the sweep
@@ -440,10 +536,11 @@ def _measure(row: Row, inputs, alphas, device, repeats, reference, generic_label
             message = first_line(error)[:120]
             row.status = f"error: {type(error).__name__}: {message}"
         return
-    if not isinstance(labels, torch.Tensor):
-        row.status = f"error: returned {type(labels).__name__}, not a label tensor"
+    problem = op.problem(result)
+    if problem:
+        row.status = problem
     elif reference is not None:
-        row.match = match_fraction(labels, reference[0], reference[1], inputs, alphas)
+        row.match = op.match(result, reference, inputs)
 
 
 # ---------------------------------------------------------------- output
@@ -482,10 +579,11 @@ def append_csv(path: Path, rows: list[Row], meta: dict, peak: float | None, alph
                              _fmt(r.ms, ".4f"), _fmt(r.tokens_per_s, ".1f"), _fmt(r.tflops, ".4f"),
                              _fmt(r.pct_peak(peak), ".2f"),
                              _fmt(None if r.extra_bytes is None else r.extra_bytes / MIB, ".2f"),
-                             memory_method if r.extra_bytes is not None else "", r.status, _fmt(r.match, ".6f")])
+                             memory_method if r.extra_bytes is not None else "", r.status, _fmt(r.match, ".6f"),
+                             r.op, _fmt(r.H_small, "d")])
 
 
-def plot(path: Path, rows: list[Row], title: str, memory_method: str) -> None:
+def plot(path: Path, rows: list[Row], title: str, memory_method: str, flops_text: str = "4·N·H·V") -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
@@ -499,7 +597,7 @@ def plot(path: Path, rows: list[Row], title: str, memory_method: str) -> None:
         xs = [r.N for r in points]
         speed.plot(xs, [r.tflops for r in points], marker="o", label=f"{impl} · {shape}")
         memory.plot(xs, [r.extra_bytes / MIB for r in points], marker="o", label=f"{impl} · {shape}")
-    for ax, ylabel in ((speed, "effective TFLOP/s (4·N·H·V)"), (memory, f"peak extra MiB ({memory_method})")):
+    for ax, ylabel in ((speed, f"effective TFLOP/s ({flops_text})"), (memory, f"peak extra MiB ({memory_method})")):
         ax.set_xlabel("tokens N")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
@@ -514,10 +612,12 @@ def plot(path: Path, rows: list[Row], title: str, memory_method: str) -> None:
 
 
 def profile_kernel(shapes, tokens, dtype: str | None = None, impls: str = "reference,chunked,triton",
-                   alphas: str = "2.5,5,10", forbidden="0", peak=None, csv_path="runs/profile/kernel.csv",
+                   alphas: str | None = None, forbidden="0", peak=None, csv_path="runs/profile/kernel.csv",
                    plot_path="runs/profile/kernel.png", repeats="3", device: str = "auto", echo=print,
-                   log=None) -> list[Row]:
+                   log=None, op: str = "labels", small_hidden=None) -> list[Row]:
     """The whole command from its raw option values; bad input raises BadFlag before anything runs."""
+    if op not in ("labels", "offset"):
+        raise BadFlag(f"--op {op!r}: choose labels or offset")
     parsed_shapes = [parse_shape(s) for s in shapes]
     if not parsed_shapes:
         raise BadFlag("give at least one --shape (" + ", ".join(LLAMAS) + ", or H,V)")
@@ -527,10 +627,20 @@ def profile_kernel(shapes, tokens, dtype: str | None = None, impls: str = "refer
     if dtype not in DTYPES:
         raise BadFlag(f"--dtype {dtype!r}: choose {', '.join(DTYPES)}")
     parsed_impls = parse_impls(impls)
+    alphas = alphas or ("2.5,5,10" if op == "labels" else "1")
     parsed_alphas = [_number("--alphas", a) for a in str(alphas).split(",") if a.strip()]
     if not parsed_alphas:
         raise BadFlag("--alphas: give at least one positive number")
     forbidden_k = _number("--forbidden", forbidden, int, strict=False)
+    if op == "labels":
+        if small_hidden is not None:
+            raise BadFlag("--small-hidden: only --op offset has a small pair")
+        kernel_op = LabelsOp(parsed_alphas, forbidden_k)
+    else:
+        if len(parsed_alphas) != 1 or forbidden_k:
+            raise BadFlag("--op offset takes one --alphas value (the ensemble's α) and no --forbidden")
+        small = None if small_hidden is None else _number("--small-hidden", small_hidden, int)
+        kernel_op = OffsetOp(parsed_alphas[0], small)
     peak_override = None if peak in (None, "") else _number("--peak-tflops", peak)
     repeat_count = _number("--repeats", repeats, int)
     for flag, path in (("--csv", csv_path), ("--plot", plot_path)):
@@ -542,21 +652,24 @@ def profile_kernel(shapes, tokens, dtype: str | None = None, impls: str = "refer
     torch_version, triton_version = versions()
     meta = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
             "torch": torch_version, "triton": triton_version, "commit": git_commit()}
-    rows = profile(parsed_shapes, parsed_tokens, dtype, parsed_impls, parsed_alphas, forbidden_k, parsed_device,
-                   repeat_count, log=log)
+    rows = profile(parsed_shapes, parsed_tokens, dtype, parsed_impls, kernel_op, parsed_device, repeat_count, log=log)
 
     peak_text = "unknown"
     if peak_value:
         peak_text = f"{peak_value:g} TFLOP/s" + (" (--peak-tflops)" if peak_override else "")
     echo(f"{name} · torch {torch_version} · triton {triton_version} · commit {meta['commit']} · {dtype} · "
-         f"alphas {','.join(f'{a:g}' for a in parsed_alphas)} · forbidden K={forbidden_k} · peak {peak_text}")
+         f"{op} · alphas {','.join(f'{a:g}' for a in parsed_alphas)} · "
+         + (f"forbidden K={forbidden_k}" if op == "labels" else "small pair H_o=" + ",".join(
+             dict.fromkeys(str(kernel_op.small(h)) for _, h, _ in parsed_shapes)))
+         + f" · peak {peak_text}")
     echo(table(rows, peak_value, memory_method))
     csv_file = Path(csv_path).expanduser()
     append_csv(csv_file, rows, meta, peak_value, parsed_alphas, memory_method)
     written = [f"{len(rows)} rows appended to {csv_file}"]
     if plot_path:
         try:
-            plot(Path(plot_path).expanduser(), rows, f"generic_labels on {name}, {dtype}", memory_method)
+            plot(Path(plot_path).expanduser(), rows, f"{kernel_op.title} on {name}, {dtype}", memory_method,
+                 kernel_op.flops_text)
             written.append(f"plot {plot_path}")
         except ImportError:
             written.append("no plot (matplotlib is not installed)")
@@ -591,7 +704,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m kernels.profile")
     parser.add_argument("--tokens", action="append", default=[], help="token counts N; repeat or comma-separate (1024,8192)")
     parser.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--impl", default="reference,chunked,triton", help="comma-separated implementations (default: %(default)s)")
-    parser.add_argument("--alphas", default="2.5,5,10", help="comma-separated α (default: %(default)s)")
+    parser.add_argument("--op", default="labels", help="labels (generic_labels) or offset (offset_token_stats "
+                        "forward + backward) (default: %(default)s)")
+    parser.add_argument("--alphas", default=None, help="comma-separated α; --op offset: one, the ensemble's "
+                        "(default: 2.5,5,10 for labels, 1 for offset)")
+    parser.add_argument("--small-hidden", default=None, help="--op offset: hidden width H_o of the small pair "
+                        "(default: H/4 of each --shape)")
     parser.add_argument("--forbidden", default="0", help="forbidden ids per row, K (default: %(default)s)")
     parser.add_argument("--peak-tflops", default=None, help="dense peak of the device, overriding the built-in table")
     parser.add_argument("--csv", default="runs/profile/kernel.csv", help="CSV to append rows to (default: %(default)s)")
@@ -601,7 +719,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m kernels.profile")
     a = parser.parse_args(_glued(list(sys.argv[1:] if argv is None else argv)))
     try:
         profile_kernel(a.shape, a.tokens, a.dtype, a.impl, a.alphas, a.forbidden, a.peak_tflops, a.csv, a.plot,
-                       a.repeats, a.device, log=lambda m: print(m, file=sys.stderr, flush=True))
+                       a.repeats, a.device, log=lambda m: print(m, file=sys.stderr, flush=True), op=a.op,
+                       small_hidden=a.small_hidden)
     except BadFlag as e:
         print(f"{prog.split()[0]}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -76,6 +76,24 @@ def test_tiny_run_prints_table_appends_csv_and_draws_png(tmp_path, capsys):
     assert all(r["dtype"] == "bf16" and float(r["match fraction"]) == 1.0 for r in bf16)
 
 
+def test_offset_op_times_forward_and_backward_beside_the_reference(tmp_path, capsys):
+    impls = impls_here()
+    code, out, err = obliviate(*tiny(tmp_path, "--op", "offset", "--small-hidden", "8", "--alphas", "1.5"), capsys=capsys)
+    assert code == 0, err
+    assert "offset · alphas 1.5 · small pair H_o=8" in out
+    rows = [dict(zip(prof.CSV_COLUMNS, row)) for row in read_csv(tmp_path / "kernel.csv")[1:]]
+    assert len(rows) == 2 * len(impls) and {r["op"] for r in rows} == {"offset"} and {r["H small"] for r in rows} == {"8"}
+    assert all(r["status"] == "ok" and float(r["match fraction"]) == 1.0 and r["alphas"] == "1.5" for r in rows), rows
+    record = rows[0]  # FLOPs = 2·N·V·(H + 4·H_o): three forward matmuls, two gradient ones
+    assert float(record["TFLOP/s"]) == pytest.approx(2 * 16 * 300 * (64 + 4 * 8) / (float(record["ms"]) / 1e3) / 1e12, rel=1e-2, abs=1e-4)
+    png = (tmp_path / "kernel.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+    code, out, err = obliviate(*tiny(tmp_path, "--op", "offset", impls=["chunked"]), capsys=capsys)
+    assert code == 0, err
+    assert "small pair H_o=16" in out  # H/4 by default
+
+
 def test_flop_arithmetic_on_a_known_case():
     row = prof.Row("x", "llama2-7b", 4096, 32000, 1024, "bf16", ms=10.0)
     assert row.flops == 4 * 1024 * 4096 * 32000 == 536_870_912_000
@@ -83,6 +101,8 @@ def test_flop_arithmetic_on_a_known_case():
     assert row.tokens_per_s == pytest.approx(102_400)
     assert row.pct_peak(989.0) == pytest.approx(100 * 53.6870912 / 989.0)
     assert row.pct_peak(None) is None and prof.Row("x", "s", 1, 1, 1, "fp32").tflops is None
+    offset = prof.Row("x", "llama2-7b", 4096, 32000, 1024, "bf16", ms=10.0, op="offset", H_small=1024)
+    assert offset.flops == 2 * 1024 * 32000 * (4096 + 4 * 1024)
 
 
 def test_shape_that_cannot_fit_is_skipped_without_allocating(tmp_path, capsys, monkeypatch):
@@ -144,6 +164,11 @@ def test_wrong_failing_and_unregistered_impls_become_rows(tmp_path, capsys, monk
         (["--shape", "64,300", "--tokens", "16", "--repeats", "0"], "--repeats"),
         (["--shape", "64,300", "--tokens", "16", "--forbidden", "two"], "--forbidden"),
         (["--shape", "64,300", "--tokens", "16", "--peak-tflops", "-3"], "--peak-tflops"),
+        (["--shape", "64,300", "--tokens", "16", "--op", "loss"], "--op 'loss'"),
+        (["--shape", "64,300", "--tokens", "16", "--small-hidden", "8"], "--small-hidden"),
+        (["--shape", "64,300", "--tokens", "16", "--op", "offset", "--small-hidden", "0"], "--small-hidden"),
+        (["--shape", "64,300", "--tokens", "16", "--op", "offset", "--alphas", "1,2"], "one --alphas"),
+        (["--shape", "64,300", "--tokens", "16", "--op", "offset", "--forbidden", "2"], "no --forbidden"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, fragment, tmp_path, capsys):
@@ -174,6 +199,11 @@ def test_estimates_grow_with_the_materialized_logits():
     assert reference >= 2 * 8192 * 128256 * 4  # at least both models' fp32 logits
     assert est("triton", 65536, 4096, 128256, torch.bfloat16, 3, 0) < 256 << 20
     assert est("chunked", 8192, 4096, 128256, torch.bfloat16, 3, 0) < reference / 4
+    offset = kernels.device.offset_extra_bytes_estimate
+    materialized = offset("reference", 8192, 4096, 1024, 128256, torch.bfloat16)
+    assert materialized >= 3 * 8192 * 128256 * 4  # at least the three heads' fp32 logits
+    assert offset("chunked", 8192, 4096, 1024, 128256, torch.bfloat16) < materialized / 10
+    assert offset("auto", 8192, 4096, 1024, 128256, torch.bfloat16) < materialized / 10
 
 
 def test_module_imports_without_triton_and_runs_standalone(tmp_path):
