@@ -106,6 +106,18 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class OffsetConfig:
+    """Offset unlearning (offset-ga, offset-graddiff, offset-npo; docs/methods.md): the baseline M stays frozen and
+    a small model o′ learns the offset of the ensemble z = z_M + α·(z_o′ − z_o)."""
+
+    small: str = ""  # o: a smaller causal LM with the baseline's tokenizer and vocabulary; o′ is trained from it
+    alpha: float = 1.0  # the offset's weight α
+
+    def validate(self) -> None:
+        _positive("offset.alpha", self.alpha)
+
+
+@dataclass(frozen=True)
 class MemorizationConfig:
     """Memorization-aware unlearning (sga, ta, tau): the score g(x), selection, stopping, task arithmetic.
 
@@ -285,7 +297,7 @@ class EngineConfig:
 @dataclass(frozen=True)
 class RunConfig:
     out: str = MISSING  # run directory
-    method: str = "whp"  # the unlearning method (engine/methods/): whp | ga | graddiff | npo | simnpo | sga | ta | tau
+    method: str = "whp"  # the unlearning method (engine/methods/): whp | ga | graddiff | npo | simnpo | sga | ta | tau | offset-ga | offset-graddiff | offset-npo
     sized_for: str = ""  # the Llama shape a ready-made config is sized for (kernels/device.py LLAMAS): what `plan` counts without a baseline
     baseline: str = ""  # Hugging Face causal-LM directory ("" in the demo: the world builds it)
     target: str = ""  # target corpus: .txt, .jsonl/.json with a "text" field, or a folder of those
@@ -302,6 +314,7 @@ class RunConfig:
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-6, epochs=1, val_fraction=0.0))  # TA/TAU: θ_ft from θ_ref
     loss: LossConfig = field(default_factory=LossConfig)
     memorization: MemorizationConfig = field(default_factory=MemorizationConfig)
+    offset: OffsetConfig = field(default_factory=OffsetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
@@ -314,6 +327,7 @@ class RunConfig:
         self.finetune.validate("finetune")
         self.loss.validate()
         self.memorization.validate()
+        self.offset.validate()
         self.world.pretrain.validate("world.pretrain")
         self.world.validate()
         self.labels.validate()

@@ -38,6 +38,7 @@ from engine.methods.base import Method, RunInputs, TrainingSummary
 from engine.models import check_model_dir, check_tokenizer_fits, load_model, load_tokenizer, pick_device, torch_dtype
 from engine.training.checkpoints import check_resumable, latest_checkpoint, record_inputs, record_path
 from engine.training.job import PhaseResult, Runner, TrainJob
+from engine.training.offset import OFFSET_RECORD
 from engine.training.runners.local import LocalRunner
 
 log = logging.getLogger("obliviate")
@@ -149,6 +150,8 @@ def check_paths(cfg: RunConfig, needed: tuple[str, ...] = ()) -> None:
     for role in ("baseline", "reinforced", "oracle"):
         if getattr(cfg, role):
             check_model_dir(getattr(cfg, role), role)
+    if cfg.offset.small:
+        check_model_dir(cfg.offset.small, "offset.small")
     for role, path in (("target corpus", cfg.target), ("retain corpus", cfg.retain), ("anchor dictionary", cfg.anchors), ("DeepSpeed config", cfg.engine.deepspeed)):
         if path and not Path(path).expanduser().exists():
             raise UserError(f"{role} not found: {path}")
@@ -239,7 +242,7 @@ def made_from(cfg: RunConfig, name: str, inputs: RunInputs) -> dict:
     labels = {key: value for key, value in asdict(cfg.labels).items() if key not in ("impl", "batch_size")}  # neither changes a label
     section = method_class(cfg.method).train_sections.get(name, "")  # the phase's TrainConfig (exports have none)
     training = asdict(getattr(cfg, section)) if section else {}
-    for section, values in ((section, training), ("labels", labels), ("loss", asdict(cfg.loss)), ("memorization", asdict(cfg.memorization))):
+    for section, values in ((section, training), ("labels", labels), ("loss", asdict(cfg.loss)), ("memorization", asdict(cfg.memorization)), ("offset", asdict(cfg.offset))):
         record.update({f"{section}.{key}": value for key, value in values.items()})
     return record
 
@@ -269,6 +272,8 @@ def train_phase(cfg: RunConfig, run: RunDir, method: Method, name: str, checked:
         selection=phase.selection,
         task_arithmetic=phase.task_arithmetic,
         reference=phase.reference,
+        offset=phase.offset,
+        frozen_zero=inference_zero(checked.deepspeed),
     )
     result = runner.train(job, resume)
     if result.fit.memorization:  # a memorization-aware phase: how its selection and stop went
@@ -339,6 +344,8 @@ def _models_to_evaluate(cfg: RunConfig, run: RunDir, checked: Checked, given: di
     for name, path in models.items():
         if path is None:
             raise UserError(f"no {name} model to evaluate (use --{name} or set it in the config)")
+        if (Path(path) / OFFSET_RECORD).is_file():
+            raise UserError(f"the {name} model {path} is an offset artifact (o′'s weights and {OFFSET_RECORD}), which the evaluation does not load yet")
         if Path(path) not in made_here:
             check_model_dir(path, name)
             check_tokenizer_fits(load_tokenizer(path, name), Path(path).expanduser(), name)
@@ -354,6 +361,8 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
     for phase in phases:
         if phase not in known:
             raise UserError(f"method {cfg.method} has no {phase} phase (it has: {', '.join(sorted(known))})")
+    skip_eval = "eval" in phases and not method.evaluable and eval_models is None
+    phases = [phase for phase in phases if not (skip_eval and phase == "eval")]
     directory = run_dir(cfg)
     todo = directory.claim(phases, overwrite, resume)
     checked = check_inputs(cfg, directory, method, todo)
@@ -364,6 +373,8 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
     models = _models_to_evaluate(cfg, directory, checked, eval_models, todo) if "eval" in todo else {}
     result = RunResult({}, None, None)
     with directory.opened(cfg, command, trains=any(phase not in ("eval", *method.exports) for phase in todo), resume=resume):
+        if skip_eval:
+            log.warning("%s: RUN/unlearned is an offset artifact, which the evaluation does not load yet: skipping eval", cfg.method)
         for phase in todo:
             if phase in method.exports:
                 method.export(phase, checked.inputs, directory.staging(phase), device)

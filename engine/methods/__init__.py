@@ -7,12 +7,15 @@ from engine.methods.base import Method
 from engine.methods.gradient_ascent import GradientAscent
 from engine.methods.graddiff import GradDiff
 from engine.methods.npo import NPO
+from engine.methods.offset import OffsetGradDiff, OffsetGradientAscent, OffsetNPO
 from engine.methods.sga import SGA
 from engine.methods.simnpo import SimNPO
 from engine.methods.task_arithmetic import TAU, TaskArithmetic
 from engine.methods.whp import WHP
 
-METHODS: dict[str, type[Method]] = {method.name: method for method in (WHP, GradientAscent, GradDiff, NPO, SimNPO, SGA, TaskArithmetic, TAU)}
+METHODS: dict[str, type[Method]] = {
+    method.name: method for method in (WHP, GradientAscent, GradDiff, NPO, SimNPO, SGA, TaskArithmetic, TAU, OffsetGradientAscent, OffsetGradDiff, OffsetNPO)
+}
 
 
 def method_class(name: str) -> type[Method]:

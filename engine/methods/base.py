@@ -21,6 +21,7 @@ from engine.data.anchors import Anchors
 from engine.data.corpus import Block
 from engine.training.job import PhaseResult, TeacherSpec
 from engine.training.objectives import Objective
+from engine.training.offset import OffsetEnsemble
 from engine.training.selection import MemorizationSelection
 
 
@@ -38,6 +39,7 @@ class Phase:
     selection: MemorizationSelection | None = None  # memorization-aware: which blocks steps ascend on, when to stop
     task_arithmetic: tuple[Path, float] | None = None  # (θ_ref, λ): publish θ_ref − λ·(θ − θ_ref)
     reference: Path | None = None  # a frozen model the trainer holds whose logits on the retain rows reach the objective (KL)
+    offset: OffsetEnsemble | None = None  # offset unlearning: `init` is o, trained as o′ in the ensemble with M and o (held frozen)
 
 
 @dataclass
@@ -90,7 +92,8 @@ class Method(Protocol):
     exports: ClassVar[tuple[str, ...]]  # commands that write an output for inspection, not a training phase
     teacher_role: ClassVar[str]  # how its teacher processes are named ("labeler", "reference"; "" when it has none)
     teacher_models: ClassVar[tuple[str, ...]]  # the frozen models each teacher process holds (what `plan` counts)
-    trainer_frozen_models: int  # frozen models each trainer rank also holds, ZeRO-3-partitioned (a KL term's baseline, TA/TAU's θ_ref)
+    trainer_frozen_models: int  # frozen models each trainer rank also holds, ZeRO-3-partitioned (a KL term's baseline, TA/TAU's θ_ref, offset's M and o)
+    evaluable: ClassVar[bool]  # the evaluation loads RUN/unlearned (not yet an offset artifact)
     train_sections: ClassVar[dict[str, str]]  # each training phase → the config section of its TrainConfig
 
     def __init__(self, cfg: RunConfig) -> None: ...

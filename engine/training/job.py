@@ -24,9 +24,11 @@ from torch.utils.tensorboard import SummaryWriter
 from configs import TrainConfig
 from configs.errors import Interrupted
 from engine.models import torch_dtype
+from engine.training.backends import LogitScorer, Scorer
 from engine.training.checkpoints import latest_step
 from engine.training.loop import FitResult, TargetSource, fit
 from engine.training.objectives import Objective
+from engine.training.offset import OffsetEnsemble, OffsetHead, OffsetScorer
 from engine.training.selection import MemorizationSelection
 
 log = logging.getLogger(__name__)
@@ -92,9 +94,24 @@ class TrainJob:
     selection: MemorizationSelection | None = None  # memorization-aware: which blocks steps ascend on, when to stop
     task_arithmetic: tuple[Path, float] | None = None  # (θ_ref, λ): save θ_ref − λ·(θ − θ_ref) instead of θ
     reference: Path | None = None  # a frozen model the trainer holds (partitioned under ZeRO-3): logits on retain rows for a KL term
+    offset: OffsetEnsemble | None = None  # offset unlearning: `init` is o, trained as o′ in the ensemble with M and o
+    frozen_zero: dict[str, Any] = field(default_factory=dict)  # zero_optimization settings for the frozen models (the user's offload, stage3_*)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         return torch_dtype(self.dtype, device)
+
+    def frozen_models(self) -> dict[str, Path]:
+        """The frozen models a trainer rank holds beside the one it trains, by role."""
+        if self.offset is not None:
+            return {"baseline": self.offset.baseline, "small": self.offset.small}
+        return {"reference": self.reference} if self.reference is not None else {}
+
+    def scoring(self, model: torch.nn.Module, frozen: dict[str, torch.nn.Module]) -> tuple[torch.nn.Module, Scorer]:
+        """The module a backend trains and how it scores a micro-batch, given `frozen_models()` loaded (whole,
+        or as ZeRO-3 engines): the model and its logits, or for offset unlearning o′ inside `OffsetHead`."""
+        if self.offset is None:
+            return model, LogitScorer(frozen.get("reference"))
+        return OffsetHead(model, self.offset), OffsetScorer(frozen["baseline"], frozen["small"], self.offset)
 
 
 @dataclass

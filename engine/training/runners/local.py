@@ -8,7 +8,7 @@ import torch
 
 from configs.errors import RunFailed, first_line
 from engine.models import load_model, load_tokenizer, pick_device, save_model
-from engine.training.backends import LogitScorer, TorchBackend
+from engine.training.backends import TorchBackend
 from engine.training.job import PhaseResult, StopFlag, TrainJob, check_interrupted, checkpoint_note, fit_job, throughput
 
 
@@ -40,8 +40,8 @@ def _train(job: TrainJob, resume: bool, stop: StopFlag) -> PhaseResult:
     tokenizer = load_tokenizer(job.init, "initial")
     model = load_model(job.init, "initial", device)
     autocast = torch.bfloat16 if job.torch_dtype(device) == torch.bfloat16 else None
-    reference = load_model(job.reference, "reference", device).eval() if job.reference else None
-    backend = TorchBackend(model, job.train, save_fn=lambda m, path: save_model(m, tokenizer, path), autocast_dtype=autocast, objective=job.objective, scorer=LogitScorer(reference))
+    model, scorer = job.scoring(model, {role: load_model(path, role, device).eval() for role, path in job.frozen_models().items()})
+    backend = TorchBackend(model, job.train, save_fn=lambda m, path: save_model(m, tokenizer, path), autocast_dtype=autocast, objective=job.objective, scorer=scorer)
     teacher = job.teacher.build(device, job.torch_dtype(device)) if job.teacher else None
     result = fit_job(job, backend, teacher, resume, stop)
     check_interrupted(job, result, stop)

@@ -166,17 +166,16 @@ def _quietly(fn: Callable[..., Any], args: tuple) -> Any:
 
 def train_rank(job: TrainJob, targets: TargetSource | None, resume: bool, stop, progress: Callable[[int, int, float], None] | None) -> FitResult:
     """One rank of a DeepSpeed ZeRO-3 group (joined from torchrun-style env): every rank calls it alike."""
-    from engine.training.backends import LogitScorer
     from engine.training.zero import DeepSpeedBackend, ds_config_for, ensure_distributed, frozen_zero3, load_zero3_model
 
     ensure_distributed()
     dtype = job.torch_dtype(pick_device(job.device))
     ds_config = ds_config_for(job.train, torch.distributed.get_world_size(), dtype, user=job.deepspeed)
-    model = load_zero3_model(job.init, ds_config, dtype)
-    reference = frozen_zero3(job.reference, dtype) if job.reference else None
-    if reference is not None:
-        reference.eval()
-    backend = DeepSpeedBackend(model, job.train, ds_config, tokenizer=load_tokenizer(job.init, "initial"), objective=job.objective, scorer=LogitScorer(reference))
+    frozen = {role: frozen_zero3(path, dtype, job.frozen_zero) for role, path in job.frozen_models().items()}
+    for engine in frozen.values():
+        engine.eval()
+    model, scorer = job.scoring(load_zero3_model(job.init, ds_config, dtype), frozen)
+    backend = DeepSpeedBackend(model, job.train, ds_config, tokenizer=load_tokenizer(job.init, "initial"), objective=job.objective, scorer=scorer)
     return fit_job(job, backend, targets, resume, stop, progress)
 
 
