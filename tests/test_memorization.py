@@ -29,8 +29,8 @@ class ShiftModel(torch.nn.Module):
         self.shift = shift
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives `model_device` a parameter to read
 
-    def forward(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=torch.nn.functional.one_hot((input_ids + self.shift) % VOCAB, VOCAB).float())
+    def forward(self, input_ids, attention_mask=None, **_):  # no state: fed one new token, it needs no cache
+        return SimpleNamespace(logits=torch.nn.functional.one_hot((input_ids + self.shift) % VOCAB, VOCAB).float(), cache=None)
 
 
 COPY, COUNT = ShiftModel(0), ShiftModel(1)

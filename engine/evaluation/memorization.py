@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from configs.errors import UserError
-from engine.evaluation.inference import batches, inference, model_device, next_token_log_probs
+from engine.evaluation.inference import batches, inference, left_padded, model_device, next_token_log_probs
 from engine.training.objectives import memorization_scores
 
 
@@ -129,25 +129,26 @@ def _greedy(model, prefixes: list[list[int]], totals: list[int], batch_size: int
     """Each prefix extended by argmax decoding to its total length; returns only the new tokens.
 
     A loop of forward passes rather than `model.generate`, whose padding and stopping rules vary across
-    models and configs. Rows are right-padded, so a row's real positions never see the padding after
-    them and each row grows at its own end. No KV cache: each step re-reads the rows (simple and exact).
+    models and configs. Rows are left-padded (masked, positions counted from each row's first real token)
+    and decoded together with the model's key/value cache: one full forward over the prefixes, then one
+    token per row per step; a row that reached its length decodes on and its extra tokens are dropped.
+    Without the cache, EL_n's decodes were the suite's whole cost on a real model.
     """
     device = model_device(model)
     out = []
     for batch in batches(list(zip(prefixes, totals)), batch_size, desc):
-        ids = torch.zeros(len(batch), max(total for _, total in batch), dtype=torch.long, device=device)
-        for row, (prefix, _) in enumerate(batch):
-            ids[row, : len(prefix)] = torch.tensor(prefix)
-        lengths = torch.tensor([len(prefix) for prefix, _ in batch], device=device)
-        goals = torch.tensor([total for _, total in batch], device=device)
-        while (growing := (lengths < goals).nonzero().squeeze(1)).numel():
-            width = int(lengths.max())
-            mask = (torch.arange(width, device=device) < lengths[:, None]).long()
-            logits = model(input_ids=ids[:, :width], attention_mask=mask).logits
-            ends = lengths[growing]
-            ids[growing, ends] = logits[growing, ends - 1].argmax(-1)
-            lengths[growing] += 1
-        out += [ids[row, len(prefix) : total].tolist() for row, (prefix, total) in enumerate(batch)]
+        ids, mask = left_padded([prefix for prefix, _ in batch], 0)
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        cache, new = None, []
+        for _ in range(max(total - len(prefix) for prefix, total in batch)):
+            step = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            cache, ids = step.cache, step.logits[:, -1:].argmax(-1)
+            new.append(ids)
+            mask = torch.cat([mask, torch.ones_like(ids)], 1)
+            positions = positions[:, -1:] + 1
+        tokens = torch.cat(new, 1).tolist() if new else [[] for _ in batch]
+        out += [row[: total - len(prefix)] for row, (prefix, total) in zip(tokens, batch)]
     return out
 
 
