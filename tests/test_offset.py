@@ -3,8 +3,10 @@
 - at o′ = o the ensemble is M: the same per-token log-probabilities, KL 0, and offset-ga's / offset-npo's /
   offset-graddiff's first step reports the loss ga / npo / graddiff report on M;
 - a step changes o′ only, and steps lower the objective;
-- in process through the CLI: the offset artifact (o′ + offset.json), `obliviate run` stopping before eval;
-- 2 ZeRO-3 Ray workers × micro-batch b = 1 process × 2b (o′'s weights), every parameter partitioned;
+- in process through the CLI: the offset artifact (o′ + offset.json), o′ alone in the checkpoints,
+  `obliviate run` stopping before eval and `obliviate eval` refusing the artifact in one line;
+- 2 ZeRO-3 Ray workers × micro-batch b = 1 process × 2b (o′'s weights), every parameter partitioned, o′
+  alone in DeepSpeed's checkpoint;
 - bad input: foreign tokenizer or vocabulary, α ≤ 0 or not finite, no o: one line, exit 2.
 """
 
@@ -102,7 +104,7 @@ def pair(world, tmp_path_factory):  # noqa: F811
 def test_offset_npo_in_process_publishes_the_offset_artifact(world, pair, tmp_path, capsys):  # noqa: F811
     run = tmp_path / "run"
     args = ["--baseline", world["baseline"], "--target", world["files"].saga, "--retain", world["files"].general, "--out", run, "method=offset-npo", f"offset.small={pair['small']}", "offset.alpha=2", "loss.retain_loss=kl"]
-    code, _, err = obliviate("unlearn", *args, *COMMON, *REFERENCE, "unlearn.val_fraction=0", capsys=capsys)
+    code, _, err = obliviate("unlearn", *args, *COMMON, *REFERENCE, "unlearn.val_fraction=0", "engine.checkpoint_every=4", "engine.keep_checkpoints=true", capsys=capsys)
     assert code == 0, err
     artifact = run / "unlearned"
     record = json.loads((artifact / OFFSET_RECORD).read_text())
@@ -111,6 +113,8 @@ def test_offset_npo_in_process_publishes_the_offset_artifact(world, pair, tmp_pa
     assert trained.config.hidden_size == 16 and (artifact / "tokenizer.json").is_file()  # o′, not M
     made = summary(run)
     assert (made["method"], made["alpha"], made["retain"], made["steps"]) == ("offset-npo", 2.0, "kl", 8)
+    checkpointed = torch.load(run / "checkpoints" / "unlearn" / "step-8" / "backend.pt", weights_only=True)["model"]
+    assert checkpointed.keys() == {f"trained.{name}" for name in trained.state_dict()}  # o′ alone, not M or o
 
     code, _, err = obliviate("run", *args, "--overwrite", *COMMON, *REFERENCE, "unlearn.max_steps=1", capsys=capsys)
     assert code == 0, err
@@ -134,6 +138,9 @@ def test_offset_on_two_zero3_workers_trains_like_one_process_with_twice_the_batc
     assert got["workers"] == 2 and got["steps"] == want["steps"] and got["final_loss"] == pytest.approx(want["final_loss"], rel=1e-5)
     assert_same_weights(run, reference)
     assert json.loads((run / "unlearned" / OFFSET_RECORD).read_text()) == json.loads((reference / "unlearned" / OFFSET_RECORD).read_text())
+    states = torch.load(run / "checkpoints" / "unlearn" / "step-8" / "zero" / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False)
+    shapes = {name: tuple(shape) for group in states["param_shapes"] for name, shape in group.items()}
+    assert shapes == {f"trained.{name}": tuple(value.shape) for name, value in AutoModelForCausalLM.from_pretrained(pair["small"]).state_dict().items()}  # o′ alone
 
 
 @pytest.mark.parametrize(
