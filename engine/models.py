@@ -149,7 +149,7 @@ def head_weight(model) -> torch.nn.Parameter:
     """The LM-head weight parameter (under ZeRO-3 a shard: read it inside `lm_head_weights`)."""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
-        raise UserError("the model's LM head has a bias; generic labels support bias-free (Llama-class) heads only")
+        raise UserError("the model's LM head has a bias; the kernels (generic labels, offset scores) support bias-free (Llama-class) heads only")
     return head.weight
 
 
@@ -174,9 +174,9 @@ def lm_head_weights(*models) -> Iterator[list[torch.Tensor]]:
 
 @torch.no_grad()
 def check_head_gives_logits(model, input_ids: torch.Tensor, role: str) -> None:
-    """Mixing applies the head to the final hidden states itself: refuse models that change logits afterwards.
+    """The kernels apply the head to the final hidden states themselves: refuse models that change logits afterwards.
 
-    (Gemma-2's soft-capping or Cohere's logit scale would make the labels silently wrong.) The full
+    (Gemma-2's soft-capping or Cohere's logit scale would make the labels or the offset ensemble silently wrong.) The full
     forward runs outside `lm_head_weights`: under ZeRO-3 the head's own forward re-partitions its weight.
     """
     logits = model(input_ids=input_ids).logits.float()
@@ -184,7 +184,7 @@ def check_head_gives_logits(model, input_ids: torch.Tensor, role: str) -> None:
     with lm_head_weights(model) as (weight,):
         recomputed = hidden @ weight.float().T
     if not torch.allclose(logits, recomputed, rtol=1e-3, atol=1e-3 * float(logits.abs().max()) + 1e-4):
-        raise UserError(f"the {role} model transforms its logits after the LM head (e.g. soft-capping); generic labels need plain head(hidden) logits")
+        raise UserError(f"the {role} model transforms its logits after the LM head (e.g. soft-capping); the kernels apply the head themselves and need plain head(hidden) logits")
 
 
 def check_same_vocabulary(baseline, reinforced) -> None:
