@@ -11,6 +11,7 @@ with `resume`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -309,6 +310,7 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
     placement = LocalRunner() if cfg.eval.in_process else runner
     measured = placement.on_ranks(measure_models, jobs, cfg.eval, cfg.device, cfg.dtype, inference_zero(checked.deepspeed), what="evaluation")
     results, attacked = {}, {}
+    attack_eval = dataclasses.replace(cfg.eval, perturbations=0)  # recovery does not read the perturbation attack's AUC
     for index, job in enumerate(jobs):
         results[job.name] = combine(job.work, [rank[index] for rank in measured], tokenizers[job.name], cfg.eval, checked.suite, terms)
         if job.name in ("baseline", "oracle") or not cfg.eval.attacks:
@@ -318,7 +320,7 @@ def evaluate(cfg: RunConfig, run: RunDir, models: dict[str, Path], device: torch
             for label, attacked_model in attacked_models(model, tokenizers[job.name], attack, cfg.eval, checked.suite.forget):
                 log.info("evaluating %s after the %s attack", job.name, label)
                 attacked[f"{job.name} ({label})"] = job.name
-                results[f"{job.name} ({label})"] = evaluate_model(attacked_model, tokenizers[job.name], cfg.eval, terms, checked.suite)
+                results[f"{job.name} ({label})"] = evaluate_model(attacked_model, tokenizers[job.name], attack_eval, terms, checked.suite)
     compare_to_oracle(results)
     recovered = {name: recovery(results[name], results[of], results["baseline"]) for name, of in attacked.items() if "baseline" in results}
     with SummaryWriter(str(run.root / "tb" / "eval")) as writer:

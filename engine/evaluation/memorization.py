@@ -44,12 +44,16 @@ def extraction_likelihood(
     _check(sequences, "n", n, stride=stride)
     scores = []
     with inference(model):
-        for seq in sequences:
-            starts = range(1, len(seq) - n + 1, stride)
-            prefixes = [seq[:t] for t in starts]
-            generated = _greedy(model, prefixes, [len(seq)] * len(prefixes), batch_size, "extraction likelihood")
-            overlaps = [_ngram_overlap(g, seq[t:], n) for t, g in zip(starts, generated)]
-            scores.append(sum(overlaps) / len(overlaps))
+        # A batch of sequences at a time (the unit ranks share), its prefixes by length: full decode batches
+        # whose rows decode about as long, the same batches in one process as on a rank.
+        for first in range(0, len(sequences), batch_size):
+            group = sequences[first : first + batch_size]
+            scored = sorted(((t, index) for index, seq in enumerate(group) for t in range(1, len(seq) - n + 1, stride)))
+            generated = _greedy(model, [group[i][:t] for t, i in scored], [len(group[i]) for _, i in scored], batch_size, "extraction likelihood")
+            overlaps: list[list[float]] = [[] for _ in group]
+            for (t, index), continuation in zip(scored, generated):
+                overlaps[index].append(_ngram_overlap(continuation, group[index][t:], n))
+            scores += [sum(found) / len(found) for found in overlaps]
     return scores
 
 
