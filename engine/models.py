@@ -1,5 +1,8 @@
 """Hugging Face causal LMs: loading and saving with one-line errors, and reading their LM heads and final
-hidden states (gathered under ZeRO-3) for the kernels, which apply the heads themselves."""
+hidden states (gathered under ZeRO-3) for the kernels, which apply the heads themselves.
+
+A model directory is a Hugging Face one or an offset artifact (o′'s weights and offset.json naming M, o and α):
+`check_model_dir` and `load_model` take either, so no caller asks which (`engine.offset_model`)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from configs.errors import UserError, first_line
+from engine.offset_model import OFFSET_RECORD, OffsetModel, OffsetRecord
 
 IGNORE_INDEX = -100  # the Hugging Face causal-LM convention: a label position that is not trained
 
@@ -33,8 +37,25 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def check_model_dir(path: str | Path, role: str) -> Path:
     """A Hugging Face causal-LM directory whose config, weights files and vocabulary agree, checked without
-    loading the weights (headers only), so a broken model fails before anything is written."""
-    path = Path(path).expanduser()
+    loading the weights (headers only), so a broken model fails before anything is written. An offset
+    artifact's M and o are checked too, and the three must share one vocabulary size."""
+    path = _check_hf_dir(Path(path).expanduser(), role)
+    record = OffsetRecord.read(path, role)
+    if record is None:
+        return path
+    sizes = {}
+    for name, part in (("baseline (M)", record.baseline), ("small model (o)", record.small)):
+        if not part.is_dir():
+            raise UserError(f"the {role} model {path} is an offset artifact whose {OFFSET_RECORD} names a {name} that does not exist: {part}")
+        sizes[name] = json.loads((_check_hf_dir(part, f"{role} offset artifact's {name}") / "config.json").read_text()).get("vocab_size")
+    sizes["o′"] = json.loads((path / "config.json").read_text()).get("vocab_size")
+    if len(set(sizes.values())) > 1:
+        raise UserError(f"the {role} offset artifact {path} adds the logits of models of different vocabularies: " + ", ".join(f"{name} {size}" for name, size in sizes.items()))
+    return path
+
+
+def _check_hf_dir(path: Path, role: str) -> Path:
+    """One Hugging Face directory of `check_model_dir`."""
     if not (path / "config.json").is_file():
         raise UserError(f"{role} model not found: {path} is not a Hugging Face model directory (no config.json)")
     try:
@@ -83,12 +104,28 @@ def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model_dir: Path, ro
 
 
 def load_model(path: str | Path, role: str, device: torch.device, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model a directory holds, whole on `device`: a Hugging Face model, or an offset artifact's `OffsetModel`."""
     path = check_model_dir(path, role)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load {role} model from {path}: {first_line(e)}") from None
-    return model.to(device)
+    parts = []
+    for part in model_parts(path, role):
+        try:
+            parts.append(AutoModelForCausalLM.from_pretrained(part, dtype=dtype).to(device))
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"cannot load {role} model from {part}: {first_line(e)}") from None
+    return assemble(path, role, parts)
+
+
+def model_parts(path: Path, role: str) -> list[Path]:
+    """The Hugging Face directories a (checked) model directory is made of: itself, or an offset artifact's
+    M, o and o′, in that order."""
+    record = OffsetRecord.read(path, role)
+    return [path] if record is None else [record.baseline, record.small, path]
+
+
+def assemble(path: Path, role: str, parts: list[PreTrainedModel]) -> PreTrainedModel:
+    """The model of `path` from its `model_parts` built by the caller (whole, or ZeRO-3-partitioned)."""
+    record = OffsetRecord.read(path, role)
+    return parts[0] if record is None else OffsetModel(*parts, alpha=record.alpha)
 
 
 def convert_gguf(gguf_file: str | Path, out: str | Path) -> Path:

@@ -39,7 +39,7 @@ from engine.methods.base import Method, RunInputs, TrainingSummary
 from engine.models import check_model_dir, check_tokenizer_fits, load_model, load_tokenizer, pick_device, torch_dtype
 from engine.training.checkpoints import check_resumable, latest_checkpoint, record_inputs, record_path
 from engine.training.job import PhaseResult, Runner, TrainJob
-from engine.training.offset import OFFSET_RECORD
+from engine.offset_model import OffsetRecord
 from engine.training.runners.local import LocalRunner
 
 log = logging.getLogger("obliviate")
@@ -194,6 +194,8 @@ def check_inputs(cfg: RunConfig, run: RunDir, method: Method, todo: list[str]) -
     baseline, tokenizer, blocks = None, None, []
     if any(phase != "eval" for phase in todo):  # training phases and exports read the baseline and the corpus
         baseline = check_model_dir(_required(cfg.baseline, "baseline model", "--baseline"), "baseline")
+        if OffsetRecord.read(baseline, "baseline"):
+            raise UserError(f"the baseline {baseline} is an offset artifact: training takes a Hugging Face model directory (evaluate the artifact with obliviate eval --model)")
         tokenizer = load_tokenizer(baseline, "baseline")
         check_tokenizer_fits(tokenizer, baseline, "baseline")
         positions = getattr(AutoConfig.from_pretrained(baseline), "max_position_embeddings", None)
@@ -346,8 +348,6 @@ def _models_to_evaluate(cfg: RunConfig, run: RunDir, checked: Checked, given: di
     for name, path in models.items():
         if path is None:
             raise UserError(f"no {name} model to evaluate (use --{name} or set it in the config)")
-        if (Path(path) / OFFSET_RECORD).is_file():
-            raise UserError(f"the {name} model {path} is an offset artifact (o′'s weights and {OFFSET_RECORD}), which the evaluation does not load yet")
         if Path(path) not in made_here:
             check_model_dir(path, name)
             check_tokenizer_fits(load_tokenizer(path, name), Path(path).expanduser(), name)
@@ -363,8 +363,6 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
     for phase in phases:
         if phase not in known:
             raise UserError(f"method {cfg.method} has no {phase} phase (it has: {', '.join(sorted(known))})")
-    skip_eval = "eval" in phases and not method.evaluable and eval_models is None
-    phases = [phase for phase in phases if not (skip_eval and phase == "eval")]
     directory = run_dir(cfg)
     todo = directory.claim(phases, overwrite, resume)
     checked = check_inputs(cfg, directory, method, todo)
@@ -375,8 +373,6 @@ def run(cfg: RunConfig, phases: list[str], overwrite: bool, command: str, eval_m
     models = _models_to_evaluate(cfg, directory, checked, eval_models, todo) if "eval" in todo else {}
     result = RunResult({}, None, None)
     with directory.opened(cfg, command, trains=any(phase not in ("eval", *method.exports) for phase in todo), resume=resume):
-        if skip_eval:
-            log.warning("%s: RUN/unlearned is an offset artifact, which the evaluation does not load yet: skipping eval", cfg.method)
         for phase in todo:
             if phase in method.exports:
                 method.export(phase, checked.inputs, directory.staging(phase), device)

@@ -12,6 +12,9 @@ Relearning (Hu et al. 2024, "Jogging the Memory of Unlearned LLMs"): a short fin
 forgotten text often restores the rest. `relearn` fine-tunes a copy on `eval.relearn_blocks` forget-set
 blocks the evaluation does not score (the ones after its first `max_sequences`), one full batch a step at
 `eval.relearn_lr`, and re-evaluates it after each of `eval.relearn_steps` steps: recovery as a function of steps.
+
+On an offset artifact (`engine.offset_model.OffsetModel`) quantization rounds all three models, the ensemble
+being what is served, and relearning fine-tunes o′ alone: M and o are frozen in it.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def quantized(model, attack: str):
 
 def relearned(model, blocks: torch.Tensor, steps: list[int], lr: float) -> Iterator[tuple[int, torch.nn.Module]]:
     """A copy of `model` fine-tuned on `blocks` (all of them each step, AdamW at `lr`), yielded after each
-    step count in `steps`; `model` stays as it is."""
-    attacked = copy.deepcopy(model)
+    step count in `steps`; `model` stays as it is. Frozen parameters (an offset model's M and o) are shared
+    with `model`, not copied: only the trainable ones (o′) are fine-tuned, as a user of the artifact could."""
+    attacked = copy.deepcopy(model, memo={id(parameter): parameter for parameter in model.parameters() if not parameter.requires_grad})
     backend = TorchBackend(attacked, TrainConfig(lr=lr, weight_decay=0.0, grad_clip=1.0), save_fn=lambda m, path: None)
     done = 0
     for target in sorted(set(steps)):

@@ -21,7 +21,7 @@ from configs import EvalConfig
 from engine.evaluation.benchmarks import load_tasks
 from engine.evaluation.inference import in_lockstep
 from engine.evaluation.suite import Workload, measure
-from engine.models import load_model, load_tokenizer, pick_device, torch_dtype
+from engine.models import assemble, load_model, load_tokenizer, model_parts, pick_device, torch_dtype
 
 
 @dataclass
@@ -40,8 +40,9 @@ def in_rank_group() -> bool:
 
 def measure_models(jobs: list[EvalJob], cfg: EvalConfig, device: str, dtype: str, zero: dict) -> list[dict]:
     """Each model's `suite.measure` on this rank, in job order: in a rank group, its share with the model
-    ZeRO-3-partitioned over the group (`zero`: the user's zero_optimization settings); in the driver, all of
-    it with the model whole on `device`. One model at a time: each is freed before the next loads."""
+    ZeRO-3-partitioned over the group (`zero`: the user's zero_optimization settings; an offset artifact's M,
+    o and o′ each partitioned); in the driver, all of it with the model whole on `device`. One model at a
+    time: each is freed before the next loads."""
     tasks = load_tasks(cfg.tasks, cfg.task_dirs) if cfg.tasks else None
     found = []
     for job in jobs:
@@ -56,11 +57,11 @@ def measure_models(jobs: list[EvalJob], cfg: EvalConfig, device: str, dtype: str
         from engine.training.zero import ensure_distributed, frozen_zero3
 
         ensure_distributed()
-        engine = frozen_zero3(job.path, torch_dtype(dtype, pick_device(device)), zero)
-        model = engine.module.eval()
+        engines = [frozen_zero3(part, torch_dtype(dtype, pick_device(device)), zero) for part in model_parts(job.path, job.name)]
+        model = assemble(job.path, job.name, [engine.module for engine in engines]).eval()  # the engines own the hooks that gather the shards
         with in_lockstep(model):
             found.append(measure(model, tokenizer, job.work, cfg, tasks, dist.get_rank(), dist.get_world_size()))
-        del engine, model
+        del engines, model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

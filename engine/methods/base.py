@@ -93,7 +93,6 @@ class Method(Protocol):
     teacher_role: ClassVar[str]  # how its teacher processes are named ("labeler", "reference"; "" when it has none)
     teacher_models: ClassVar[tuple[str, ...]]  # the frozen models each teacher process holds (what `plan` counts)
     trainer_frozen_models: int  # frozen models each trainer rank also holds, ZeRO-3-partitioned (a KL term's baseline, TA/TAU's θ_ref, offset's M and o)
-    evaluable: ClassVar[bool]  # the evaluation loads RUN/unlearned (not yet an offset artifact)
     train_sections: ClassVar[dict[str, str]]  # each training phase → the config section of its TrainConfig
 
     def __init__(self, cfg: RunConfig) -> None: ...

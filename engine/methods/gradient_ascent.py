@@ -29,7 +29,6 @@ class GradientAscent:
     teacher_role: ClassVar[str] = ""
     teacher_models: ClassVar[tuple[str, ...]] = ()
     train_sections: ClassVar[dict[str, str]] = {"unlearn": "unlearn"}
-    evaluable: ClassVar[bool] = True
     phases = ("unlearn",)
 
     def __init__(self, cfg: RunConfig) -> None:

@@ -7,7 +7,8 @@ ensemble's scores, and only o′ trains. The trainer holds M and o frozen (ZeRO-
 scores through `kernels.offset_token_stats`, so no [tokens × vocab] logits exist (`engine.training.offset`).
 
 RUN/unlearned is an offset artifact: o′'s weights with its tokenizer and offset.json naming M, o and α — no
-forget data. The evaluation cannot load it yet, so `obliviate run` stops after training.
+forget data. `engine.models.load_model` makes it an `OffsetModel` (engine/offset_model.py), which the
+evaluation and its attacks take like any causal LM.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ class Offset:
     `offset.small` in the ensemble with M and o, which the trainer holds frozen."""
 
     trainer_frozen_models: ClassVar[int] = 2  # M and o
-    evaluable: ClassVar[bool] = False  # RUN/unlearned is an offset artifact, which the evaluation does not load yet
 
     @property
     def small(self) -> Path:
@@ -55,6 +55,10 @@ class Offset:
     def phase(self, name: str, inputs: RunInputs) -> Phase:
         ensemble = OffsetEnsemble(inputs.baseline, self.small, self.cfg.offset.alpha, self.retain_kl)
         return replace(super().phase(name, inputs), init=self.small, reference=None, offset=ensemble)
+
+    @classmethod
+    def describe(cls, name: str, s: dict) -> str:
+        return f"{super().describe(name, s)}; o′ trained from {s['small']}, α {s['alpha']:g} (the ensemble runs three models per token)"
 
     def summary(self, result: PhaseResult) -> TrainingSummary:
         summary = super().summary(result)

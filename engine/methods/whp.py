@@ -37,7 +37,6 @@ class WHP:
     teacher_role: ClassVar[str] = "labeler"
     teacher_models: ClassVar[tuple[str, ...]] = ("baseline", "reinforced")
     train_sections: ClassVar[dict[str, str]] = {"reinforce": "reinforce", "unlearn": "unlearn"}
-    evaluable: ClassVar[bool] = True
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg

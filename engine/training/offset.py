@@ -14,7 +14,6 @@ gathers them once per phase into full copies (vocab × width each, beside 1/N of
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +21,8 @@ import torch
 
 import kernels
 from engine.models import check_head_gives_logits, final_hidden_states, head_weight, lm_head_weights
+from engine.offset_model import OffsetRecord
 from engine.training.objectives import TokenScores
-
-OFFSET_RECORD = "offset.json"  # beside o′'s weights in an offset artifact: what the ensemble is made of
 
 
 @dataclass(frozen=True)
@@ -36,9 +34,9 @@ class OffsetEnsemble:
     alpha: float  # z = z_M + α·(z_o′ − z_o)
     retain_kl: bool = False  # the retain term is KL(M ‖ ensemble) on the retain rows (else their NLL)
 
-    def record(self) -> dict:
-        """offset.json: the frozen models by absolute path and α; no forget data."""
-        return {"baseline": str(Path(self.baseline).expanduser().resolve()), "small": str(Path(self.small).expanduser().resolve()), "alpha": self.alpha}
+    def record(self) -> OffsetRecord:
+        """What the artifact's offset.json says: the frozen models and α; no forget data."""
+        return OffsetRecord(self.baseline, self.small, self.alpha)
 
 
 class OffsetHead(torch.nn.Module):
@@ -65,7 +63,7 @@ class OffsetHead(torch.nn.Module):
         if state_dict is not None:  # DeepSpeed's consolidated state dict names o′'s tensors under `trained.`
             state_dict = {name.removeprefix("trained."): tensor for name, tensor in state_dict.items()}
         self.trained.save_pretrained(path, state_dict=state_dict, **kwargs)
-        (Path(path) / OFFSET_RECORD).write_text(json.dumps(self.ensemble.record(), indent=2) + "\n")
+        self.ensemble.record().write(path)
 
 
 class OffsetScorer:
