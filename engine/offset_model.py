@@ -85,7 +85,7 @@ class OffsetModel(PreTrainedModel, GenerationMixin):
         lengths = [getattr(model.config, "max_position_embeddings", None) for model in (baseline, small, trained)]
         if None not in lengths:
             config.max_position_embeddings = min(lengths)
-        super().__init__(config)
+        super().__init__(config)  # no post_init (weight initialization): the parts arrive built and loaded
         self.baseline, self.small, self.trained, self.alpha = baseline, small, trained, alpha
         self.baseline.requires_grad_(False)
         self.small.requires_grad_(False)
@@ -102,12 +102,14 @@ class OffsetModel(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, cache: Cache | None = None, use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> CausalLMOutputWithPast:
         """fp32 ensemble logits (each part's in its own dtype, added in fp32); with `use_cache`, the
         `OffsetCache` to pass back for the next tokens (a new one when `cache` is None)."""
+        if cache is not None and not isinstance(cache, OffsetCache):
+            raise TypeError(f"an OffsetModel continues from the OffsetCache its forward returned, not a {type(cache).__name__}")
         if use_cache and cache is None:
             cache = OffsetCache.empty(self.parts)
-        caches = cache.parts if isinstance(cache, OffsetCache) else [None] * 3
+        caches = cache.parts if cache is not None else [None] * 3
         big, small, trained = (
             model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=part_cache, use_cache=bool(use_cache), logits_to_keep=logits_to_keep, **kwargs).logits.float()
             for model, part_cache in zip(self.parts, caches)
         )
-        logits = torch.add(big, trained - small, alpha=self.alpha)  # the offset first: exactly z_M while o′ = o
-        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
+        offset = trained.sub_(small)  # in place (no fourth [tokens × vocab] tensor), and first: exactly z_M while o′ = o
+        return CausalLMOutputWithPast(logits=offset.mul_(self.alpha).add_(big), cache=cache if use_cache else None)
