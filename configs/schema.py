@@ -62,7 +62,7 @@ class LabelConfig:
     alpha: float = 5.0  # the α that the unlearn phase trains on
     alpha_multipliers: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # labels for each k·α
     seed: int = 0  # translation choice per block
-    forbid_anchor_keys: bool = False  # also suppress the anchor terms' own first tokens (not in the paper)
+    forbid_anchor_keys: bool = True  # also suppress the anchor terms' own first tokens (not in the paper; false: the paper's labels)
     impl: str = "auto"  # logit-mixing implementation in kernels.generic_labels
     batch_size: int = 4  # blocks per forward pass of the frozen models
 

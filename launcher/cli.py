@@ -97,25 +97,26 @@ def cli() -> None:
 def demo(args, overwrite, resume, **flags):
     """The whole method on a generated tiny world, on CPU, in minutes.
 
-    Beside the faithful method it also unlearns with the anchor keys' own tokens forbidden
-    (`labels.forbid_anchor_keys`, not in the paper) and reports both against baseline and oracle.
+    Beside the configured labels it also unlearns with `labels.forbid_anchor_keys` flipped (the anchor keys'
+    own tokens forbidden — the default, not in the paper — or not: the paper's labels) and reports both.
     """
     from engine import recipe
     from engine.data.tiny import build_world, use_world
 
     cfg = _config(args, CONFIG_DIR / "demo.yaml", **flags)
     root = Path(cfg.out).expanduser()
-    variant = derive(cfg, out=str(root / "variant-forbid-anchor-keys"), reinforced=str(root / "reinforced"), **{"labels.forbid_anchor_keys": not cfg.labels.forbid_anchor_keys})
+    label_kind = "faithful" if cfg.labels.forbid_anchor_keys else "forbid-keys"  # the variant's labels
+    variant = derive(cfg, out=str(root / f"variant-{label_kind}"), reinforced=str(root / "reinforced"), **{"labels.forbid_anchor_keys": not cfg.labels.forbid_anchor_keys})
     recipe.run_dir(cfg).claim(recipe.all_phases(cfg), overwrite, resume)  # refuse a finished run before building anything
     recipe.run_dir(variant).claim(["unlearn"], overwrite, resume)
     world = build_world(cfg.world)
     cfg, variant = use_world(cfg, world), use_world(variant, world)
     with _runner(cfg) as runner:
-        faithful = recipe.run(cfg, ["reinforce", "unlearn"], overwrite, "demo", runner=runner, resume=resume)
+        configured = recipe.run(cfg, ["reinforce", "unlearn"], overwrite, "demo", runner=runner, resume=resume)
         other = recipe.run(variant, ["unlearn"], overwrite, "demo (variant)", runner=runner, resume=resume)
-        variant_name = f"unlearned ({'forbid-keys' if variant.labels.forbid_anchor_keys else 'faithful'})"
+        variant_name = f"unlearned ({label_kind})"
         models = {"baseline": Path(cfg.baseline), "unlearned": root / "unlearned", variant_name: Path(variant.out) / "unlearned"}
-        made = {"unlearned": faithful.summary, variant_name: other.summary}
+        made = {"unlearned": configured.summary, variant_name: other.summary}
         recipe.run(cfg, ["eval"], overwrite, "demo", eval_models=models, title="obliviate demo: unlearning the tiny saga", runner=runner, resume=resume, made=made)
 
 
