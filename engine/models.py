@@ -47,11 +47,16 @@ def check_model_dir(path: str | Path, role: str) -> Path:
     for name, part in (("baseline (M)", record.baseline), ("small model (o)", record.small)):
         if not part.is_dir():
             raise UserError(f"the {role} model {path} is an offset artifact whose {OFFSET_RECORD} names a {name} that does not exist: {part}")
-        sizes[name] = json.loads((_check_hf_dir(part, f"{role} offset artifact's {name}") / "config.json").read_text()).get("vocab_size")
-    sizes["o′"] = json.loads((path / "config.json").read_text()).get("vocab_size")
+        sizes[name] = config_vocab_size(_check_hf_dir(part, f"{role} offset artifact's {name}"))
+    sizes["o′"] = config_vocab_size(path)
     if len(set(sizes.values())) > 1:
         raise UserError(f"the {role} offset artifact {path} adds the logits of models of different vocabularies: " + ", ".join(f"{name} {size}" for name, size in sizes.items()))
     return path
+
+
+def config_vocab_size(model_dir: Path) -> int | None:
+    """The vocabulary size a (checked) model directory's config.json states, without loading the model."""
+    return json.loads((model_dir / "config.json").read_text()).get("vocab_size")
 
 
 def _check_hf_dir(path: Path, role: str) -> Path:
@@ -98,7 +103,7 @@ def _weight_shapes(path: Path, role: str) -> dict[str, list[int]]:
 
 def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model_dir: Path, role: str) -> None:
     """Token ids index the embeddings: a tokenizer with more tokens than the model's vocabulary would fail mid-run."""
-    vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
+    vocab = config_vocab_size(model_dir)
     if vocab is not None and len(tokenizer) > vocab:
         raise UserError(f"the {role} tokenizer has {len(tokenizer)} tokens but the {role} model's vocabulary only {vocab} ({model_dir})")
 

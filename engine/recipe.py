@@ -38,8 +38,8 @@ from engine.methods import METHODS, method_class
 from engine.methods.base import Method, RunInputs, TrainingSummary
 from engine.models import check_model_dir, check_tokenizer_fits, load_model, load_tokenizer, pick_device, torch_dtype
 from engine.training.checkpoints import check_resumable, latest_checkpoint, record_inputs, record_path
-from engine.training.job import PhaseResult, Runner, TrainJob
 from engine.offset_model import OffsetRecord
+from engine.training.job import PhaseResult, Runner, TrainJob
 from engine.training.runners.local import LocalRunner
 
 log = logging.getLogger("obliviate")

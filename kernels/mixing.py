@@ -32,6 +32,20 @@ def interpreter_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation `impl` names on tensors of `device` ("auto": triton on CUDA, chunked otherwise);
+    a ValueError for an unknown name, or for triton on CPU without the interpreter."""
+    if impl not in ("auto",) + IMPL_NAMES:
+        raise ValueError(f"unknown impl {impl!r}; choose from auto, {', '.join(IMPL_NAMES)}")
+    name = ("triton" if device.type == "cuda" else "chunked") if impl == "auto" else impl
+    if name == "triton" and device.type == "cpu" and not interpreter_requested():
+        raise ValueError(
+            "impl='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the "
+            "environment before the kernel module is first imported, or use impl='chunked'"
+        )
+    return name
+
+
 def generic_labels(
     hb: torch.Tensor,
     wb: torch.Tensor,
@@ -53,9 +67,7 @@ def generic_labels(
     impl: "auto" (triton on CUDA tensors, chunked otherwise), "reference", "chunked" or "triton".
     """
     alphas = _check(hb, wb, hr, wr, alphas, forbidden)
-    if impl not in ("auto",) + IMPL_NAMES:
-        raise ValueError(f"unknown impl {impl!r}; choose from auto, {', '.join(IMPL_NAMES)}")
-    name = ("triton" if hb.is_cuda else "chunked") if impl == "auto" else impl
+    name = resolve_impl(impl, hb.device)
     if forbidden is not None and forbidden.shape[1] == 0:
         forbidden = None
 
@@ -72,11 +84,6 @@ def generic_labels(
     elif name == "chunked":
         fn = generic_labels_chunked
     else:
-        if hb.device.type == "cpu" and not interpreter_requested():
-            raise ValueError(
-                "impl='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the "
-                "environment before the kernel module is first imported, or use impl='chunked'"
-            )
         fn = _triton_impl()
     return fn(hb, wb, hr, wr, alphas, forbidden, return_stats=return_stats)
 

@@ -20,7 +20,7 @@ import torch
 
 from kernels.chunked import default_chunk
 from kernels.log_probs import RunningLogSumExp
-from kernels.mixing import IMPL_NAMES, interpreter_requested
+from kernels.mixing import resolve_impl
 
 IGNORE_INDEX = -100
 WORK_BUFFERS = 6  # fp32 [N, chunk]: z_M, z_P, z_O, z and the exp temporaries of the reductions
@@ -49,18 +49,11 @@ def offset_token_stats(
     "reference", "chunked" or "triton"; chunk_size: columns per chunk of `chunked` (default from the budget).
     """
     alpha = _check(h_big, w_big, h_small, w_small, h_train, w_train, targets, alpha, chunk_size)
-    if impl not in ("auto",) + IMPL_NAMES:
-        raise ValueError(f"unknown impl {impl!r}; choose from auto, {', '.join(IMPL_NAMES)}")
-    name = ("triton" if h_big.is_cuda else "chunked") if impl == "auto" else impl
+    name = resolve_impl(impl, h_big.device)
     targets = targets.long()
     if name == "reference":
         return offset_token_stats_reference(h_big, w_big, h_small, w_small, h_train, w_train, targets, alpha, kl=kl)
     if name == "triton":
-        if h_big.device.type == "cpu" and not interpreter_requested():
-            raise ValueError(
-                "impl='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the "
-                "environment before the kernel module is first imported, or use impl='chunked'"
-            )
         from kernels import triton_offset as backend
     else:
         backend = ChunkedOffset(chunk_size)

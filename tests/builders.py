@@ -11,6 +11,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer, PreTrainedTokenizerFast
 
+from engine.training.objectives import causal_lm_loss_sum
+
 TINY_LLAMA = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=128,
@@ -60,6 +62,13 @@ def tiny_llama(vocab_size: int, seed: int, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, **{**TINY_LLAMA, **overrides})
     return LlamaForCausalLM(config).eval()
+
+
+def mean_nll(model, blocks: torch.Tensor) -> float:
+    """The model's mean next-token NLL on `blocks` (the relearning attack's text), without gradients."""
+    with torch.no_grad():
+        loss, count = causal_lm_loss_sum(model(blocks).logits, blocks)
+    return float(loss) / count
 
 
 def obliviate(*argv, capsys):

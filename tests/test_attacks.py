@@ -6,9 +6,8 @@ import pytest
 import torch
 from optimum.quanto import QBitsTensor, QBytesTensor
 
-from builders import obliviate, tiny_llama
+from builders import mean_nll, obliviate, tiny_llama
 from engine.evaluation.attacks import describe_recovery, quantized, recovery, relearned
-from engine.training.objectives import causal_lm_loss_sum
 from test_cli import world  # noqa: F401 - the module-scoped tiny world
 
 
@@ -46,14 +45,8 @@ def test_relearning_fine_tunes_a_copy_and_yields_it_after_each_step_count():
     model = tiny_llama(64, 0)
     blocks = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-
-    def nll(m):
-        with torch.no_grad():
-            loss, count = causal_lm_loss_sum(m(blocks).logits, blocks)
-        return float(loss) / count
-
-    start = nll(model)
-    seen = [(steps, nll(copy)) for steps, copy in relearned(model, blocks, [3, 1], lr=1e-2)]
+    start = mean_nll(model, blocks)
+    seen = [(steps, mean_nll(copy, blocks)) for steps, copy in relearned(model, blocks, [3, 1], lr=1e-2)]
     assert [steps for steps, _ in seen] == [1, 3]  # in order, each count once
     assert start > seen[0][1] > seen[1][1], "relearning lowers the loss on the relearned text, more with more steps"
     for name, p in model.named_parameters():

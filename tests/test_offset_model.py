@@ -16,7 +16,7 @@ import torch
 from optimum.quanto import QBytesTensor
 from transformers import AutoModelForCausalLM
 
-from builders import assert_one_line_error, obliviate, tiny_llama
+from builders import assert_one_line_error, mean_nll, obliviate, tiny_llama
 from configs import EngineConfig
 from engine.data.tiny import tiny_llama as world_llama
 from engine.evaluation.attacks import quantized, relearned
@@ -26,7 +26,6 @@ from engine.evaluation.ranks import EvalJob, measure_models
 from engine.evaluation.suite import combine, evaluate_model, load_suite, workload
 from engine.models import load_model, load_tokenizer, save_model
 from engine.offset_model import OffsetModel, OffsetRecord
-from engine.training.objectives import causal_lm_loss_sum
 from engine.training.runners.ray_runner import RayRunner
 from test_benchmarks import write_task
 from test_cli import derive_world, world  # noqa: F401 - the module-scoped tiny world
@@ -118,15 +117,9 @@ def test_quantization_rounds_all_three_models_and_relearning_trains_only_o_prime
 
     blocks = torch.randint(3, 400, (2, 16), generator=torch.Generator().manual_seed(2))
     before = {name: p.detach().clone() for name, p in ensemble.named_parameters()}
-
-    def nll(model):
-        with torch.no_grad():
-            loss, count = causal_lm_loss_sum(model(blocks).logits, blocks)
-        return float(loss) / count
-
-    start = nll(ensemble)
+    start = mean_nll(ensemble, blocks)
     for steps, copy in relearned(ensemble, blocks, [2], lr=1e-2):
-        assert steps == 2 and nll(copy) < start
+        assert steps == 2 and mean_nll(copy, blocks) < start
         assert copy.baseline.model.embed_tokens.weight is ensemble.baseline.model.embed_tokens.weight, "M is shared, not copied"
         changed = {name for name, p in copy.named_parameters() if not torch.equal(p, before[name])}
         assert changed and all(name.startswith("trained.") for name in changed), "only o′ trains"

@@ -13,7 +13,6 @@ evaluation and its attacks take like any causal LM.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
@@ -23,7 +22,7 @@ from engine.methods.base import Phase, RunInputs, TrainingSummary
 from engine.methods.gradient_ascent import GradientAscent
 from engine.methods.graddiff import GradDiff
 from engine.methods.npo import NPO
-from engine.models import check_model_dir, check_same_tokenizer, check_tokenizer_fits, load_tokenizer
+from engine.models import check_model_dir, check_same_tokenizer, check_tokenizer_fits, config_vocab_size, load_tokenizer
 from engine.training.job import PhaseResult
 from engine.training.offset import OffsetEnsemble
 
@@ -48,7 +47,7 @@ class Offset:
         tokenizer = load_tokenizer(small, "offset.small")
         check_tokenizer_fits(tokenizer, small, "offset.small")
         check_same_tokenizer(inputs.tokenizer, tokenizer, ("baseline", "offset.small"))
-        sizes = [json.loads((path / "config.json").read_text()).get("vocab_size") for path in (inputs.baseline, small)]
+        sizes = [config_vocab_size(path) for path in (inputs.baseline, small)]
         if sizes[0] != sizes[1]:
             raise UserError(f"the baseline and offset.small models have different vocabularies ({sizes[0]} and {sizes[1]} rows): the offset adds their logits token by token")
 
