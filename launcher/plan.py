@@ -36,6 +36,13 @@ Estimates, before any GPU is rented; no weights are read (a model directory's co
   (eval.attacks) run on the driver, the model whole: its weights plus the attacked copy (1 byte a parameter
   for quant8, ½ for quant4, width + 16 for relearn's fine-tuned copy with fp32 AdamW state) plus one
   forward, on one GPU.
+- **offset methods** (offset-ga, offset-graddiff, offset-npo): the trainer trains o′ (`offset.small`: a model
+  directory or a name of the shape table), so the model states and the decoder-layer activations are o′'s; it
+  also holds M and o frozen, 1/ranks each, plus full copies of both their LM heads (gathered once per phase)
+  and two of M's decoder layers gathered while M runs; one no-grad forward of M's layer working set and the
+  final hidden states of the three models; the loss is the offset kernel's workspace
+  (`kernels.device.offset_extra_bytes_estimate`), no logits. An offset artifact's evaluation holds all three
+  models, 1/ranks each, and three models' logits per batch.
 - **fits** when a GPU's total stays under `gpu_mem_gib` less 10% headroom (CUDA context, NCCL buffers,
   allocator fragmentation). `gpu_mem_gib` is GiB as the device reports it (an "80 GB" H100 shows 79.2).
 
@@ -56,8 +63,8 @@ import torch
 
 from configs import RunConfig, load_config
 from configs.errors import UserError, first_line
-from engine.methods import method_class
-from kernels.device import LLAMAS, extra_bytes_estimate
+from engine.methods import method_class, uses_offset_pair
+from kernels.device import LLAMAS, extra_bytes_estimate, offset_extra_bytes_estimate
 
 GIB = float(1 << 30)
 HEADROOM = 0.10  # of the GPU's memory, kept free for the CUDA context, NCCL and fragmentation
@@ -163,25 +170,49 @@ def labeler_bytes(shape: Shape, tokens: int, impl: str, alphas: int, width: int 
     return held, forward, extra_bytes_estimate(impl, tokens, shape.hidden, shape.vocab, dtype, alphas, FORBIDDEN_PER_ROW)
 
 
-def evaluation_bytes(shape: Shape, ranks: int, tokens: int, width: int = 2) -> tuple[int, int, int]:
-    """(a rank's 1/ranks of the evaluated model, what ZeRO-3 holds gathered at once, one eval batch's forward
-    with fp32 log-probabilities) on an evaluation rank (see the module docstring)."""
+def _head_and_layer(shape: Shape) -> tuple[int, int]:
+    """Parameters of the LM head and of one decoder layer."""
     head = shape.vocab * shape.hidden
-    layer = (shape.params - 2 * head) // shape.layers
+    return head, (shape.params - 2 * head) // shape.layers
+
+
+def evaluation_bytes(shape: Shape, ranks: int, tokens: int, width: int = 2, small: Shape | None = None) -> tuple[int, int, int]:
+    """(a rank's 1/ranks of the evaluated model, what ZeRO-3 holds gathered at once, one eval batch's forward
+    with fp32 log-probabilities) on an evaluation rank (see the module docstring); with `small`, of an offset
+    artifact: M, o and o′, and the logits of all three."""
+    head, layer = _head_and_layer(shape)
     gathered = (head + 2 * layer) * width if ranks > 1 else 0
     forward = tokens * (width * (4 * shape.hidden + 3 * shape.intermediate) + (width + 8) * shape.vocab)
-    return shape.params * width // ranks, gathered, forward
+    if small is None:
+        return shape.params * width // ranks, gathered, forward
+    forward += 2 * tokens * (width + 4) * small.vocab  # o's and o′'s logits, and their fp32 sum with M's
+    return (shape.params + 2 * small.params) * width // ranks, gathered, forward
+
+
+def offset_trainer_bytes(shape: Shape, small: Shape, ranks: int, tokens: int, impl: str, width: int = 2) -> tuple[int, int, int]:
+    """(M and o frozen — 1/ranks each, both LM heads whole, two of M's layers gathered —, the no-grad forward
+    of M's layer working set and the three models' final hidden states, the offset kernel's workspace) on a
+    trainer rank of an offset method (o′'s model states and layer activations are counted as a trained model's)."""
+    head, layer = _head_and_layer(shape)
+    frozen = (shape.params + small.params) * width // ranks + (head + small.vocab * small.hidden) * width
+    if ranks > 1:
+        frozen += 2 * layer * width
+    forward = tokens * width * (4 * shape.hidden + 3 * shape.intermediate) + tokens * (shape.hidden + 2 * small.hidden) * width
+    dtype = torch.bfloat16 if width == 2 else torch.float32
+    return frozen, forward, offset_extra_bytes_estimate(impl, tokens, shape.hidden, small.hidden, shape.vocab, dtype)
 
 
 ATTACK_BYTES_PER_PARAM = {"quant8": 1.0, "quant4": 0.5}  # the quantized copy; relearn: width + 16 (see the module docstring)
 
 
-def attack_bytes(shape: Shape, attacks: list[str], tokens: int, width: int = 2) -> int:
-    """The driver's GPU during the costliest attack: the model whole, its attacked copy and one forward."""
+def attack_bytes(shape: Shape, attacks: list[str], tokens: int, width: int = 2, small: Shape | None = None) -> int:
+    """The driver's GPU during the costliest attack: the model whole, its attacked copy and one forward. An
+    offset artifact is M, o and o′: quantization copies all three, relearning o′ alone (M and o are shared)."""
     if not attacks:
         return 0
-    copy = max(ATTACK_BYTES_PER_PARAM.get(attack, width + 16) for attack in attacks)
-    return int(shape.params * (width + copy)) + evaluation_bytes(shape, 1, tokens, width)[2]
+    params = shape.params + (2 * small.params if small else 0)
+    copies = [params * ATTACK_BYTES_PER_PARAM[attack] if attack in ATTACK_BYTES_PER_PARAM else (small or shape).params * (width + 16) for attack in attacks]
+    return int(params * width + max(copies)) + evaluation_bytes(shape, 1, tokens, width, small)[2]
 
 
 # ---------------------------------------------------------------- the plan
@@ -222,7 +253,9 @@ class Plan:
     teacher_role: str = "labeler"  # how the method's teacher processes are named ("" without teachers)
     teacher_models: tuple[str, ...] = ("baseline", "reinforced")  # the frozen models each one holds
     rows_per_block: int = 1  # 2 when each forget block is bundled with a retain block
-    trainer_frozen_gib: float = 0.0  # frozen models a trainer rank holds partitioned (a KL term's baseline, TA/TAU's θ_ref)
+    trainer_frozen_gib: float = 0.0  # frozen models a trainer rank holds partitioned (a KL term's baseline, TA/TAU's θ_ref, offset's M and o)
+    small: Shape | None = None  # offset methods: o / o′, the model the trainer trains
+    trainer_teacher_forward_gib: float = 0.0  # offset methods: M's no-grad forward and the three final hidden states
     eval_ranks: int = 1  # the evaluation group's ranks
     eval_in_driver: bool = False  # eval.in_process: the driver, the model whole
     eval_batch: int = 0  # eval.batch_size
@@ -250,7 +283,7 @@ class Plan:
 
     @property
     def trainer_gib(self) -> float:
-        return self.trainer_states_gib + self.trainer_frozen_gib + self.trainer_layers_gib + self.trainer_loss_gib
+        return self.trainer_states_gib + self.trainer_frozen_gib + self.trainer_layers_gib + self.trainer_teacher_forward_gib + self.trainer_loss_gib
 
     @property
     def labeler_gib(self) -> float:
@@ -309,13 +342,20 @@ class Plan:
         return f"does not fit on {where}: " + "; ".join(parts)
 
 
-def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_gib: float) -> Plan:
-    """Per-GPU memory of the config's trainer ranks and labelers on `nodes` × `gpus_per_node` GPUs of `gpu_mem_gib`."""
+def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_gib: float, small: Shape | None = None) -> Plan:
+    """Per-GPU memory of the config's trainer ranks and labelers on `nodes` × `gpus_per_node` GPUs of `gpu_mem_gib`;
+    `small`: offset methods' o / o′ (default: `model_shape(offset.small)`)."""
     if nodes < 1 or gpus_per_node < 1:
         raise UserError(f"a cluster needs at least 1 node and 1 GPU per node, got {nodes} node(s) × {gpus_per_node} GPU(s)")
     if not (gpu_mem_gib > 0 and math.isfinite(gpu_mem_gib)):
         raise UserError(f"GPU memory must be a positive number of GiB, got {gpu_mem_gib}")
     method = method_class(cfg.method)(cfg)
+    if uses_offset_pair([cfg.method]) and small is None:
+        if not cfg.offset.small:
+            raise UserError(f"method {cfg.method} trains o′ from offset.small: give offset.small=DIR (a Hugging Face model directory) or one of {', '.join(LLAMAS)}")
+        small = model_shape(cfg.offset.small)
+    elif not uses_offset_pair([cfg.method]):
+        small = None
     engine, total = cfg.engine, nodes * gpus_per_node
     workers, shards = engine.workers, engine.labeler_shards
     labelers = engine.labelers if method.teacher_models else 0  # a method without teachers starts none
@@ -345,42 +385,49 @@ def plan(cfg: RunConfig, shape: Shape, nodes: int, gpus_per_node: int, gpu_mem_g
     micro = max(m for m, _ in batches.values())
     rows = 2 if method.uses_retain else 1  # bundled forget + retain blocks
 
-    def frozen_gib(ranks: int) -> float:
-        return method.trainer_frozen_models * shape.params * width / ranks / GIB
+    trained = small or shape  # offset methods train o′
+
+    def trainer_parts(ranks: int, micro_batch: int, offload=(False, False)) -> tuple[float, float, float, float, float, float]:
+        """GiB per trainer rank: model states, frozen models, layer activations, teacher forward, loss; CPU per rank."""
+        tokens = micro_batch * block * rows
+        states, cpu = zero3_states_gib(trained, ranks, *offload)
+        layers, loss = trainer_activations_bytes(trained, tokens, width)
+        if small is None:
+            return states, method.trainer_frozen_models * shape.params * width / ranks / GIB, layers / GIB, 0.0, loss / GIB, cpu
+        frozen, forward, kernel = offset_trainer_bytes(shape, small, ranks, tokens, cfg.labels.impl, width)
+        return states, frozen / GIB, layers / GIB, forward / GIB, kernel / GIB, cpu
 
     def trainer_total(ranks: int, micro_batch: int, offload=(False, False)) -> float:
-        layers, loss = trainer_activations_bytes(shape, micro_batch * block * rows, width)
-        return zero3_states_gib(shape, ranks, *offload)[0] + frozen_gib(ranks) + (layers + loss) / GIB
+        return sum(trainer_parts(ranks, micro_batch, offload)[:5])
 
-    states_gib, cpu_per_rank = zero3_states_gib(shape, workers)
-    layers_b, loss_b = trainer_activations_bytes(shape, micro * block * rows, width)
+    states_gib, frozen_trainer_gib, layers_gib, teacher_forward_gib, loss_gib, cpu_per_rank = trainer_parts(workers, micro)
     models_b, forward_b, kernel_b = labeler_bytes(shape, cfg.labels.batch_size * block, cfg.labels.impl, len(cfg.labels.alphas), width, shards, models, method.teacher_role == "labeler")
     if not labelers:
         models_b = forward_b = kernel_b = 0
     eval_length = max(cfg.eval.context_length, cfg.eval.sequence_length)
     eval_tokens = cfg.eval.batch_size * eval_length
     eval_ranks = 1 if cfg.eval.in_process else workers  # eval.in_process: the driver, the model whole
-    eval_b = evaluation_bytes(shape, eval_ranks, eval_tokens, width)
+    eval_b = evaluation_bytes(shape, eval_ranks, eval_tokens, width, small)
     min_nodes = next((n for n in range(1, MAX_NODES + 1)
                       if n * gpus_per_node > labelers and trainer_total(n * gpus_per_node - labelers, micro) <= usable), None)
     result = Plan(
         shape=shape, nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=gpu_mem_gib,
         workers=workers, labelers=labelers, labeler_shards=shards, block=block, label_batch=cfg.labels.batch_size,
         label_impl=cfg.labels.impl, dtype=cfg.dtype, batches=batches,
-        trainer_states_gib=states_gib, trainer_layers_gib=layers_b / GIB, trainer_loss_gib=loss_b / GIB,
+        trainer_states_gib=states_gib, trainer_layers_gib=layers_gib, trainer_loss_gib=loss_gib,
         trainer_cpu_gib_per_node=cpu_per_rank * min(workers, gpus_per_node),
         labeler_models_gib=models_b / GIB, labeler_forward_gib=forward_b / GIB, labeler_kernel_gib=kernel_b / GIB,
         min_nodes=min_nodes, method=cfg.method, teacher_role=method.teacher_role, teacher_models=method.teacher_models,
-        rows_per_block=rows, trainer_frozen_gib=frozen_gib(workers),
+        rows_per_block=rows, trainer_frozen_gib=frozen_trainer_gib, small=small, trainer_teacher_forward_gib=teacher_forward_gib,
         eval_ranks=eval_ranks, eval_in_driver=cfg.eval.in_process, eval_batch=cfg.eval.batch_size, eval_length=eval_length,
         eval_weights_gib=eval_b[0] / GIB, eval_gathered_gib=eval_b[1] / GIB, eval_forward_gib=eval_b[2] / GIB,
-        attacks=tuple(cfg.eval.attacks), attack_gib=attack_bytes(shape, cfg.eval.attacks, eval_tokens, width) / GIB,
+        attacks=tuple(cfg.eval.attacks), attack_gib=attack_bytes(shape, cfg.eval.attacks, eval_tokens, width, small) / GIB,
     )
     if not result.trainer_fits:
         per_node = min(workers, gpus_per_node)
         for what, flags in (("optimizer → CPU", (True, False)), ("optimizer + parameters → CPU", (True, True))):
             gpu = trainer_total(workers, micro, flags)
-            result.offload.append(Offload(what, gpu, zero3_states_gib(shape, workers, *flags)[1] * per_node, gpu <= usable))
+            result.offload.append(Offload(what, gpu, zero3_states_gib(trained, workers, *flags)[1] * per_node, gpu <= usable))
         result.max_micro_batch = next((m for m in range(micro - 1, 0, -1) if trainer_total(workers, m) <= usable), 0)
     return result
 
@@ -391,14 +438,25 @@ def format_plan(p: Plan) -> str:
     """A table (component, GiB per GPU, fits?), the effective batches, suggestions, and the one-line verdict."""
     s = p.shape
     yes = {True: "yes", False: "NO"}
-    rows = [
-        (f"trainer: ZeRO-3 model states over {p.workers} ranks", p.trainer_states_gib, ""),
-        *([(f"trainer: frozen reference model, 1/{p.workers} ({p.dtype})", p.trainer_frozen_gib, "")] if p.trainer_frozen_gib else []),
-        (f"trainer: activations, {p.micro_batch} × {p.rows_per_block * p.block} tokens", p.trainer_layers_gib, ""),
-        (f"trainer: logits + loss ({s.vocab:,} vocab)", p.trainer_loss_gib, ""),
-        ("trainer: total per GPU", p.trainer_gib, yes[p.trainer_fits]),
-    ]
+    tokens = f"{p.micro_batch} × {p.rows_per_block * p.block} tokens"
+    if p.small is None:
+        trainer = [
+            (f"trainer: ZeRO-3 model states over {p.workers} ranks", p.trainer_states_gib, ""),
+            *([(f"trainer: frozen reference model, 1/{p.workers} ({p.dtype})", p.trainer_frozen_gib, "")] if p.trainer_frozen_gib else []),
+            (f"trainer: activations, {tokens}", p.trainer_layers_gib, ""),
+            (f"trainer: logits + loss ({s.vocab:,} vocab)", p.trainer_loss_gib, ""),
+        ]
+    else:
+        trainer = [
+            (f"trainer: o′ ({p.small.name}) ZeRO-3 model states over {p.workers} ranks", p.trainer_states_gib, ""),
+            (f"trainer: M and o frozen, 1/{p.workers} each + both LM heads ({p.dtype})", p.trainer_frozen_gib, ""),
+            (f"trainer: o′ activations, {tokens}", p.trainer_layers_gib, ""),
+            ("trainer: M's forward + three final hidden states", p.trainer_teacher_forward_gib, ""),
+            ("trainer: offset kernel (no logits)", p.trainer_loss_gib, ""),
+        ]
+    rows = [*trainer, ("trainer: total per GPU", p.trainer_gib, yes[p.trainer_fits])]
     role = p.teacher_role
+    evaluated = "model" if p.small is None else "M + o + o′"
     if p.labelers:
         rows += [
             (f"{role}: {' + '.join(p.teacher_models)} ({p.dtype})" + (f", 1/{p.labeler_shards} + gathered head/layers (ZeRO-3)" if p.labeler_shards > 1 else ""), p.labeler_models_gib, ""),
@@ -407,9 +465,9 @@ def format_plan(p: Plan) -> str:
             (f"{role}: total per GPU", p.labeler_gib, yes[p.labeler_fits]),
         ]
     rows += [
-        (f"evaluation: model 1/{p.eval_ranks} ({p.dtype}), ZeRO-3" if not p.eval_in_driver else f"evaluation: model whole ({p.dtype}), driver", p.eval_weights_gib, ""),
+        (f"evaluation: {evaluated} 1/{p.eval_ranks} ({p.dtype}), ZeRO-3" if not p.eval_in_driver else f"evaluation: {evaluated} whole ({p.dtype}), driver", p.eval_weights_gib, ""),
         *([("evaluation: gathered LM head + 2 layers", p.eval_gathered_gib, "")] if p.eval_gathered_gib else []),
-        (f"evaluation: forward, {p.eval_batch} × {p.eval_length} tokens + fp32 log-probs", p.eval_forward_gib, ""),
+        (f"evaluation: forward, {p.eval_batch} × {p.eval_length} tokens + fp32 log-probs" + (" (three models' logits)" if p.small else ""), p.eval_forward_gib, ""),
         ("evaluation: total per GPU", p.eval_gib, yes[p.eval_fits]),
     ]
     if p.attacks:

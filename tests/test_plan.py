@@ -304,3 +304,38 @@ def test_an_in_process_evaluation_counts_the_model_whole_on_the_drivers_gpu():
     p = plan(cfg_for("llama2-7b", "eval.in_process=true"), model_shape("llama2-7b"), 1, 8, 80.0)
     assert p.eval_weights_gib * GIB == 6_738_415_616 * 2 and p.eval_gathered_gib == 0
     assert "evaluation: in the driver on one GPU" in format_plan(p)
+
+
+def test_offset_methods_count_the_trained_pair_the_frozen_models_and_no_logits():
+    """offset-npo on llama2-70b with a llama2-7b pair, 32 trainer ranks, bf16: model states and activations are
+    o′'s; M and o 1/32 each with both LM heads whole and two of M's layers gathered; M's no-grad layer working
+    set and the three final hidden states; the offset kernel's workspace instead of logits. The evaluation holds
+    M, o and o′ and three models' logits."""
+    big, small = model_shape("llama2-70b"), model_shape("llama2-7b")
+    cfg = cfg_for("llama2-70b", "method=offset-npo", "offset.small=llama2-7b")
+    direct = plan(cfg_for("llama2-70b", "method=npo"), big, 5, 8, 80.0)
+    p = plan(cfg, big, 5, 8, 80.0)
+    ranks, tokens, width = 32, 1 * 512 * 2, 2  # each forget block bundled with a retain block
+    assert (p.workers, p.small.name) == (ranks, "llama2-7b")
+    assert p.trainer_states_gib == pytest.approx(zero3_states_gib(small, ranks)[0])
+    assert p.trainer_layers_gib == pytest.approx(trainer_activations_bytes(small, tokens, width)[0] / GIB)
+    big_layer = (big.params - 2 * 32000 * 8192) // 80
+    frozen = (big.params + small.params) * width // ranks + 32000 * (8192 + 4096) * width + 2 * big_layer * width
+    assert p.trainer_frozen_gib * GIB == frozen
+    assert p.trainer_teacher_forward_gib * GIB == tokens * width * (4 * 8192 + 3 * 28672) + tokens * (8192 + 2 * 4096) * width
+    assert p.trainer_loss_gib * GIB == kernels.device.offset_extra_bytes_estimate("auto", tokens, 8192, 4096, 32000, torch.bfloat16)
+    assert p.trainer_gib < direct.trainer_gib and p.fits
+    eval_tokens = 8 * 512
+    assert p.eval_weights_gib * GIB == (big.params + 2 * small.params) * width // ranks
+    assert p.eval_forward_gib * GIB == direct.eval_forward_gib * GIB + 2 * eval_tokens * (width + 4) * 32000
+    text = format_plan(p)
+    assert "o′ (llama2-7b) ZeRO-3 model states" in text and "offset kernel (no logits)" in text and "M + o + o′" in text
+
+
+def test_an_offset_plan_needs_the_small_model():
+    with pytest.raises(UserError) as e:
+        plan(cfg_for("llama2-7b", "method=offset-ga"), model_shape("llama2-7b"), 1, 8, 80.0)
+    assert "offset.small" in one_line_error(e)
+    with pytest.raises(UserError) as e:
+        plan(cfg_for("llama2-7b", "method=offset-ga", "offset.small=gpt-17"), model_shape("llama2-7b"), 1, 8, 80.0)
+    assert "unknown model 'gpt-17'" in one_line_error(e)

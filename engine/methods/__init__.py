@@ -7,7 +7,7 @@ from engine.methods.base import Method
 from engine.methods.gradient_ascent import GradientAscent
 from engine.methods.graddiff import GradDiff
 from engine.methods.npo import NPO
-from engine.methods.offset import OffsetGradDiff, OffsetGradientAscent, OffsetNPO
+from engine.methods.offset import Offset, OffsetGradDiff, OffsetGradientAscent, OffsetNPO
 from engine.methods.sga import SGA
 from engine.methods.simnpo import SimNPO
 from engine.methods.task_arithmetic import TAU, TaskArithmetic
@@ -23,3 +23,9 @@ def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def uses_offset_pair(names: list[str]) -> bool:
+    """Whether any of these methods trains o′ from a small model (`offset.small`), which the tiny world
+    builds only when asked for."""
+    return any(issubclass(method_class(name), Offset) for name in names)
