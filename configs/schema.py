@@ -144,24 +144,44 @@ class MemorizationConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Shape of the tiny Llama the demo pretrains (ignored when a baseline is given)."""
+class ModelShape:
+    """Shape of a tiny Llama the demo pretrains; its vocabulary is the world's tokenizer."""
 
-    vocab_size: int = 2048
     hidden_size: int = 128
     intermediate_size: int = 352
     num_layers: int = 4
     num_heads: int = 4
     max_position_embeddings: int = 512
 
+    def validate(self, section: str) -> None:
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "max_position_embeddings"):
+            _positive(f"{section}.{key}", getattr(self, key))
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"{section}.hidden_size ({self.hidden_size}) must be a multiple of {section}.num_heads ({self.num_heads})")
+
+
+@dataclass(frozen=True)
+class ModelConfig(ModelShape):
+    """Shape of the tiny Llama baseline and oracle the demo pretrains (ignored when a baseline is given), and
+    the size of the SentencePiece vocabulary trained for them."""
+
+    vocab_size: int = 2048
+
+
+SMALL_SHAPE = ModelShape(hidden_size=64, intermediate_size=176, num_layers=2, num_heads=2)  # ~3.6× fewer parameters than the baseline
+
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """The tiny world: generated corpora, SentencePiece tokenizer, baseline and oracle models."""
+    """The tiny world: generated corpora, SentencePiece tokenizer, baseline and oracle models (and, when asked
+    for, offset unlearning's small model)."""
 
     seed: int = 0
     size: float = 1.0  # scales the amount of generated text
     model: ModelConfig = field(default_factory=ModelConfig)
+    # Offset unlearning's pair o / o′: pretrained like the baseline (same tokenizer, text and recipe), built into
+    # the world's cache when an offset method asks for it (`obliviate compare --demo --methods offset-npo`).
+    small: ModelShape = field(default_factory=lambda: SMALL_SHAPE)
     pretrain: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=3e-3, epochs=4, micro_batch_size=16, grad_accum=1, warmup_steps=20, val_fraction=0.0)
     )
@@ -170,10 +190,9 @@ class WorldConfig:
 
     def validate(self) -> None:
         _positive("world.size", self.size)
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "max_position_embeddings"):
-            _positive(f"world.model.{key}", getattr(self.model, key))
-        if self.model.hidden_size % self.model.num_heads:
-            raise UserError(f"world.model.hidden_size ({self.model.hidden_size}) must be a multiple of world.model.num_heads ({self.model.num_heads})")
+        _positive("world.model.vocab_size", self.model.vocab_size)
+        self.model.validate("world.model")
+        self.small.validate("world.small")
         if not 2 <= self.context_length <= self.model.max_position_embeddings:
             raise UserError(f"world.context_length must be in [2, world.model.max_position_embeddings = {self.model.max_position_embeddings}], got {self.context_length}")
 

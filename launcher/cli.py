@@ -138,8 +138,9 @@ def compare_command(args, methods, demo, overwrite, resume, out, **flags):
     plan = compare.claim(cfg, names, overwrite, resume)  # every run directory refused or kept before anything is built
     if demo:
         from engine.data.tiny import build_world, use_world
+        from engine.methods import uses_offset_pair
 
-        cfg = use_world(cfg, build_world(cfg.world))
+        cfg = use_world(cfg, build_world(cfg.world, small=uses_offset_pair(names) and not cfg.offset.small))
     compare.check(cfg, plan)
     with _runner(cfg) as runner:
         compare.run(cfg, plan, overwrite, resume, runner)

@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 import yaml
 
 from engine.data.world import WorldFiles, write_world
@@ -136,3 +137,34 @@ def test_tiny_world_still_holds_every_probe(tmp_path):
     saga = files.saga.read_text(encoding="utf-8")
     for probe in json.loads(files.probes.read_text(encoding="utf-8")):
         assert any(f"{probe['prompt']} {t}" in saga for t in probe["targets"]), probe
+
+
+def test_the_offset_pair_is_built_on_request_into_the_cached_world(tmp_path):
+    """`build_world(small=True)` adds a smaller model of the world's tokenizer, pretrained on the baseline's text,
+    keyed apart from the world (a new small shape rebuilds only it) and wired to offset.small by `use_world`."""
+    from dataclasses import replace
+
+    from configs import RunConfig, TrainConfig, WorldConfig
+    from configs.schema import ModelConfig, ModelShape
+    from engine.data.tiny import build_world, use_world, world_key
+    from engine.models import config_vocab_size, load_model
+
+    tiny = ModelConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, max_position_embeddings=64)
+    cfg = WorldConfig(size=0.05, model=tiny, small=ModelShape(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, max_position_embeddings=64),
+                      pretrain=TrainConfig(lr=3e-3, epochs=1, micro_batch_size=16, grad_accum=1, warmup_steps=1, val_fraction=0.0),
+                      context_length=32, cache_dir=str(tmp_path))
+    plain = build_world(cfg)
+    assert plain.small is None and not list(tmp_path.glob("world-*/small-*"))
+    world = build_world(cfg, small=True)
+    assert world.small.parent == plain.baseline.parent and world.small != world.baseline
+    assert config_vocab_size(world.small) == config_vocab_size(world.baseline)
+    sizes = [sum(p.numel() for p in load_model(path, "m", torch.device("cpu")).parameters()) for path in (world.baseline, world.small)]
+    assert sizes[1] < sizes[0]
+    made = (world.small / "model.safetensors").stat().st_mtime_ns
+    assert build_world(cfg, small=True).small == world.small and (world.small / "model.safetensors").stat().st_mtime_ns == made, "cached"
+
+    other = replace(cfg, small=replace(cfg.small, hidden_size=8))
+    assert world_key(other) == world_key(cfg), "the world's models are not rebuilt for another small shape"
+    assert build_world(other, small=True).small != world.small
+    wired = use_world(RunConfig(out=str(tmp_path / "run")), world)
+    assert wired.offset.small == str(world.small) and wired.baseline == str(world.baseline)
