@@ -112,9 +112,14 @@ class OffsetConfig:
 
     small: str = ""  # o: a smaller causal LM with the baseline's tokenizer and vocabulary; o′ is trained from it
     alpha: float = 1.0  # the offset's weight α
+    # o′'s learning rate (unset: unlearn.lr). The small model starts from an offset of exactly 0 and is a few
+    # times narrower than M: on the tiny world it needs ~10× the rate the direct methods take at the same steps.
+    lr: Optional[float] = None
 
     def validate(self) -> None:
         _positive("offset.alpha", self.alpha)
+        if self.lr is not None:
+            _positive("offset.lr", self.lr)
 
 
 @dataclass(frozen=True)

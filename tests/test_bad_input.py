@@ -76,13 +76,14 @@ def assert_refused(code, err, expected_code, fragment):
 # ------------------------------------------------------------------------------------------------ numbers
 
 FLOATS = [f"{phase}.{key}" for phase in ("reinforce", "unlearn") for key in ("lr", "epochs", "weight_decay", "grad_clip", "val_fraction")]
-FLOATS += ["eval.relearn_lr", "loss.beta", "loss.retain_weight", "memorization.select_threshold", "memorization.stop_level", "memorization.task_lambda"]
+FLOATS += ["eval.relearn_lr", "offset.lr", "offset.alpha", "loss.beta", "loss.retain_weight", "memorization.select_threshold", "memorization.stop_level", "memorization.task_lambda"]
 FLOATS += ["labels.alpha", "eval.temperature", "eval.top_p", "eval.min_k", "eval.perturb_fraction", "engine.label_timeout_s", "world.size", "world.pretrain.lr"]
 NON_FINITE = [(f"{key}={value}", f"{key} must be a finite number") for key in FLOATS for value in ("nan", "inf", "-inf")]
 NON_FINITE += [("labels.alpha_multipliers=[1.0,nan]", "labels.alpha_multipliers must be a finite number")]
 NON_FINITE += [("eval.outlier_band=[0.15,nan]", "eval.outlier_band must be a finite number")]
 OUT_OF_RANGE = [
     ("unlearn.lr=0", "unlearn.lr must be > 0"),
+    ("offset.lr=0", "offset.lr must be > 0"),
     ("reinforce.lr=-1e-5", "reinforce.lr must be > 0"),
     ("unlearn.epochs=0", "unlearn.epochs must be > 0"),
     ("unlearn.micro_batch_size=0", "unlearn.micro_batch_size must be > 0"),

@@ -11,6 +11,7 @@ from builders import tiny_llama
 from configs.errors import UserError
 from configs.schema import EvalConfig
 from engine.evaluation.privacy import (
+    _draw,
     ks_forget_quality,
     mia_auc,
     mia_scores,
@@ -33,8 +34,10 @@ class BigramStub(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # `model_device` reads the first parameter
         self.register_buffer("table", table)
 
-    def forward(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=self.table[input_ids])
+    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=False, logits_to_keep=0):
+        """Context-free, so a key/value cache is nothing to keep: the one passed in is handed back."""
+        logits = self.table[input_ids]
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits, cache=cache)
 
 
 def successor_stub(vocab: int, p: float) -> BigramStub:
@@ -170,10 +173,24 @@ def test_perturbed_copies_differ_exactly_at_the_plan_positions_and_are_reproduci
         assert len(copy) == len(seq) and copy[0] == seq[0]
         assert [i for i, (a, b) in enumerate(zip(seq, copy)) if a != b] == positions
     assert perturb(model, sequences, plans, batch_size=1) == copies  # the draws do not depend on batching
+    assert copies == perturbed_without_cache(model, sequences, plans)
     scores = perturbation_scores(model, sequences, copies=2, seed=5)
     assert scores == pytest.approx(perturbation_scores(model, sequences, copies=2, seed=5, batch_size=1), abs=1e-5)
     assert scores != perturbation_scores(model, sequences, copies=2, seed=6)
     assert all(score <= 0 for score in scores)
+
+
+def perturbed_without_cache(model, sequences, plans):
+    """`perturb` by its definition: one sequence at a time, a forward of the whole prefix per resampled position."""
+    out = []
+    with torch.no_grad():
+        for seq, (positions, uniforms) in zip(sequences, plans):
+            ids = torch.tensor([seq])
+            for at, uniform in zip(positions, uniforms):
+                probs = model(input_ids=ids[:, :at]).logits[:, -1].double().softmax(-1)
+                ids[:, at] = _draw(probs, ids[:, at], torch.tensor([uniform], dtype=torch.float64))
+            out.append(ids[0].tolist())
+    return out
 
 
 @pytest.mark.parametrize(

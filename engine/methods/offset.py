@@ -53,7 +53,12 @@ class Offset:
 
     def phase(self, name: str, inputs: RunInputs) -> Phase:
         ensemble = OffsetEnsemble(inputs.baseline, self.small, self.cfg.offset.alpha, self.retain_kl)
-        return replace(super().phase(name, inputs), init=self.small, reference=None, offset=ensemble)
+        phase = super().phase(name, inputs)
+        return replace(phase, init=self.small, train=replace(phase.train, lr=self.lr), reference=None, offset=ensemble)
+
+    @property
+    def lr(self) -> float:
+        return self.cfg.offset.lr or self.cfg.unlearn.lr
 
     @classmethod
     def describe(cls, name: str, s: dict) -> str:
@@ -61,7 +66,7 @@ class Offset:
 
     def summary(self, result: PhaseResult) -> TrainingSummary:
         summary = super().summary(result)
-        return replace(summary, details={**summary.details, "alpha": self.cfg.offset.alpha, "small": str(self.small)})
+        return replace(summary, details={**summary.details, "lr": self.lr, "alpha": self.cfg.offset.alpha, "small": str(self.small)})
 
 
 class OffsetGradientAscent(Offset, GradientAscent):
